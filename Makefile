@@ -1,0 +1,40 @@
+# fedcmp: set-up, code generation, tests, demo and benchmarks. `make demo` and `make test` are
+# the two commands a fresh machine needs; both install everything first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of PyTorch (a local wheel on the project's build machines); override for CUDA.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: install proto test demo bench-system bench-quality bench-quality-quick clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+proto: install
+	$(PY) -m fedcmp.common.protogen
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(PY) deploy/local_demo.py --clients 4 --rounds 4 --out runs/demo
+
+bench-system: install
+	$(PY) bench/bench_aggregation.py
+
+bench-quality: install
+	$(PY) bench/bench_quality.py --out docs
+
+bench-quality-quick: install
+	$(PY) bench/bench_quality.py --quick --out runs/bench-quick
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache runs

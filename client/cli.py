@@ -1,0 +1,83 @@
+"""`fedcmp-client`: join a coordinator with a local LLaVA-format dataset and train until DONE."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from fedcmp.client.daemon import ClientDaemon, ConnectionSettings, CoordinatorLink, CoordinatorUnreachable, RegistrationRefused
+from fedcmp.common.constants import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE, RECONNECT_BUDGET_S
+from fedcmp.common.logs import setup_logging
+
+log = logging.getLogger("fedcmp.client")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fedcmp-client", description=__doc__)
+    parser.add_argument("--server", required=True, help="coordinator address HOST:PORT")
+    parser.add_argument("--data", required=True, type=Path,
+                        help="LLaVA pretraining JSON, or a folder holding chat.json and images/")
+    parser.add_argument("--image-folder", type=Path, help="where the JSON's image paths resolve (default: images/ "
+                                                          "beside the JSON)")
+    parser.add_argument("--client-id", help="stable name of this client (default: the data folder's name)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--vision-model", help="local path or hub id standing in for the recipe's vision tower")
+    parser.add_argument("--llm", help="local path or hub id standing in for the recipe's LLM")
+    parser.add_argument("--batch-size", type=int, help="override the recipe's batch size on this client")
+    parser.add_argument("--cache-dir", type=Path, help="model zoo and feature cache (default $FEDCMP_CACHE or "
+                                                       "~/.cache/fedcmp)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for torch")
+    parser.add_argument("--reconnect-budget", type=float, default=RECONNECT_BUDGET_S,
+                        help="seconds to keep retrying an unreachable coordinator before giving up")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser.parse_args(argv)
+
+
+def default_client_id(data: Path) -> str:
+    folder = data if data.is_dir() else data.parent
+    return folder.resolve().name or "client"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    torch.set_num_threads(max(1, args.threads))
+    from fedcmp.client.data import DataError
+    from fedcmp.client.trainer import LocalSession
+
+    if not args.data.exists():
+        print(f"fedcmp-client: --data {args.data} does not exist", file=sys.stderr)
+        return EXIT_USAGE
+    client_id = args.client_id or default_client_id(args.data)
+    link = CoordinatorLink(ConnectionSettings(args.server, reconnect_budget_s=args.reconnect_budget))
+    daemon = ClientDaemon(link, client_id)
+    try:
+        recipe = daemon.fetch_recipe()
+        local = {"vision_model": args.vision_model, "llm": args.llm, "batch_size": args.batch_size}
+        recipe = recipe.model_copy(update={key: value for key, value in local.items() if value is not None})
+        session = LocalSession.open(args.data, recipe, client_id, device=args.device, cache_dir=args.cache_dir,
+                                    image_folder=args.image_folder, show_progress=not args.no_progress)
+        daemon.run(session)
+    except DataError as error:
+        print(f"fedcmp-client: bad data: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except RegistrationRefused as error:
+        print(f"fedcmp-client: the coordinator refused {client_id}: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+    except CoordinatorUnreachable as error:
+        print(f"fedcmp-client: {error}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except KeyboardInterrupt:
+        return EXIT_USAGE
+    finally:
+        link.close()
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,203 @@
+"""The client daemon's loop: recipe -> register -> long-poll tasks -> download / train / upload -> DONE.
+
+Talks to the coordinator over synchronous gRPC (training blocks anyway). Every call survives a
+coordinator that is briefly away: UNAVAILABLE is retried with capped exponential backoff, and an
+UNAUTHENTICATED answer (the coordinator restarted and forgot our session) re-registers. Uploads
+are idempotent per (client, round), so a retried upload never counts twice.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+from torch import Tensor
+
+from fedcmp.common.codec import decode_params, encode_params, iter_chunks, receive_blob, sha256_hex
+from fedcmp.common.constants import (MAX_MESSAGE_BYTES, PROTOCOL_VERSION, RECONNECT_BASE_S, RECONNECT_BUDGET_S,
+                                     RECONNECT_MAX_S)
+from fedcmp.common.recipe import Recipe
+from fedcmp.common.wire import coordinator_pb2 as pb
+from fedcmp.common.wire import coordinator_pb2_grpc as pb_grpc
+
+log = logging.getLogger("fedcmp.client")
+
+T = TypeVar("T")
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+POLL_DEADLINE_S = 60.0
+
+
+class RegistrationRefused(RuntimeError):
+    """The coordinator refused this client; the message is the coordinator's reason."""
+
+
+class CoordinatorUnreachable(RuntimeError):
+    """No answer within the reconnect budget."""
+
+
+@dataclass
+class ConnectionSettings:
+    target: str
+    credentials: grpc.ChannelCredentials | None = None
+    call_metadata: tuple[tuple[str, str], ...] = ()
+    reconnect_budget_s: float = RECONNECT_BUDGET_S
+
+
+class CoordinatorLink:
+    """A channel to the coordinator plus the retry policy every call goes through."""
+
+    def __init__(self, settings: ConnectionSettings) -> None:
+        self.settings = settings
+        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        if settings.credentials is not None:
+            self.channel = grpc.secure_channel(settings.target, settings.credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(settings.target, options=options)
+        self.stub = pb_grpc.CoordinatorStub(self.channel)
+
+    def call(self, what: str, attempt: Callable[[], T], on_unauthenticated: Callable[[], None] | None = None) -> T:
+        """Run `attempt` until it succeeds, backing off while the coordinator is unreachable."""
+        delay = RECONNECT_BASE_S
+        give_up_at = time.monotonic() + self.settings.reconnect_budget_s
+        while True:
+            try:
+                return attempt()
+            except grpc.RpcError as error:
+                code = error.code()
+                if code == grpc.StatusCode.UNAUTHENTICATED and on_unauthenticated is not None:
+                    log.warning("%s: %s; registering again", what, error.details())
+                    on_unauthenticated()
+                    continue
+                if code not in RETRYABLE:
+                    raise
+                if time.monotonic() >= give_up_at:
+                    raise CoordinatorUnreachable(
+                        f"{what}: coordinator {self.settings.target} unreachable for "
+                        f"{self.settings.reconnect_budget_s:.0f}s ({code.name}: {error.details()})") from error
+                log.warning("%s: coordinator unavailable (%s); retrying in %.1fs", what, code.name, delay)
+                time.sleep(delay * (0.5 + random.random() / 2))
+                delay = min(delay * 2, RECONNECT_MAX_S)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+class ClientDaemon:
+    """One client's participation in one run. `fetch_recipe` first, then `run` with a loaded session."""
+
+    def __init__(self, link: CoordinatorLink, client_id: str) -> None:
+        self.link = link
+        self.client_id = client_id
+        self.token = ""
+        self._global: tuple[int, dict[str, Tensor]] | None = None
+        self.session = None  # the LocalSession, set by run()
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.link.settings.call_metadata
+
+    def fetch_recipe(self) -> Recipe:
+        reply = self.link.call("GetRecipe", lambda: self.link.stub.GetRecipe(
+            pb.RecipeRequest(client_id=self.client_id), metadata=self._metadata()))
+        return Recipe.from_json(reply.recipe_json)
+
+    def register(self) -> None:
+        session = self.session
+        request = pb.RegisterRequest(
+            client_id=self.client_id, num_samples=session.num_train_samples, num_eval_samples=session.num_val_samples,
+            projector=[pb.TensorSpec(name=name, shape=list(shape)) for name, shape in session.signature().items()],
+            vision_model=session.recipe.vision_model, llm=session.recipe.llm, protocol_version=PROTOCOL_VERSION)
+        reply = self.link.call("Register", lambda: self.link.stub.Register(request, metadata=self._metadata()))
+        if not reply.accepted:
+            raise RegistrationRefused(reply.reason)
+        self.token = reply.session_token
+        log.info("registered %s with %d training / %d held-out samples", self.client_id,
+                 session.num_train_samples, session.num_val_samples)
+
+    def run(self, session) -> None:  # session: fedcmp.client.trainer.LocalSession
+        """Register and serve tasks until the coordinator says DONE."""
+        self.session = session
+        self.register()
+        while True:
+            task = self.link.call("PollTask", lambda: self.link.stub.PollTask(
+                pb.PollTaskRequest(client_id=self.client_id, session_token=self.token),
+                timeout=POLL_DEADLINE_S, metadata=self._metadata()), on_unauthenticated=self.register)
+            kind = pb.Task.Kind.Name(task.kind)
+            if kind == "DONE":
+                log.info("coordinator says DONE: %s", task.message)
+                return
+            if kind == "WAIT":
+                time.sleep(task.retry_after_s)
+            elif kind == "TRAIN":
+                self.train(task)
+            elif kind == "EVALUATE":
+                self.evaluate(task)
+            else:
+                raise RuntimeError(f"coordinator sent an unknown task kind {task.kind}")
+
+    def download(self, version: int) -> dict[str, Tensor]:
+        if self._global is not None and self._global[0] == version:
+            return self._global[1]
+
+        def attempt() -> bytes:
+            stream = self.link.stub.DownloadProjector(
+                pb.DownloadRequest(client_id=self.client_id, session_token=self.token, global_version=version),
+                metadata=self._metadata())
+            first = next(stream)
+            chunks = (chunk.data for chunk in _prepend(first, stream))
+            return receive_blob(chunks, first.total_size, first.sha256)
+
+        params = decode_params(self.link.call(f"DownloadProjector v{version}", attempt,
+                                              on_unauthenticated=self.register))
+        self._global = (version, params)
+        return params
+
+    def train(self, task: pb.Task) -> None:
+        global_params = self.download(task.global_version)
+        before = self.session.evaluate(global_params)
+        log.info("round %d: global v%d held-out loss %.4f; training %d steps", task.round, task.global_version,
+                 before["val_loss"], task.local_steps)
+        params, metrics = self.session.train_round(global_params, task.round - 1, task.local_steps)
+        self.upload(task, params, {**metrics, **before})
+
+    def upload(self, task: pb.Task, params: dict[str, Tensor], metrics: dict[str, float]) -> None:
+        blob = encode_params(params)
+        digest = sha256_hex(blob)
+        samples = int(metrics.get("samples", self.session.num_train_samples))
+
+        def messages() -> Iterator[pb.UploadMessage]:
+            yield pb.UploadMessage(header=pb.UploadHeader(
+                client_id=self.client_id, session_token=self.token, round=task.round,
+                global_version=task.global_version, num_samples=samples, metrics=metrics, size=len(blob),
+                sha256=digest))
+            for chunk in iter_chunks(blob):
+                yield pb.UploadMessage(chunk=bytes(chunk))
+
+        ack = self.link.call(f"UploadUpdate round {task.round}",
+                             lambda: self.link.stub.UploadUpdate(messages(), metadata=self._metadata()),
+                             on_unauthenticated=self.register)
+        if ack.accepted:
+            log.info("round %d: upload %s (%d bytes)", task.round, "already there" if ack.duplicate else "accepted",
+                     len(blob))
+        else:
+            log.warning("round %d: upload refused: %s", task.round, ack.reason)
+
+    def evaluate(self, task: pb.Task) -> None:
+        metrics = self.session.evaluate(self.download(task.global_version))
+        log.info("final evaluation of global v%d: held-out loss %.4f", task.global_version, metrics["val_loss"])
+        report = pb.EvaluationReport(client_id=self.client_id, session_token=self.token,
+                                     global_version=task.global_version, num_samples=self.session.num_val_samples,
+                                     metrics=metrics)
+        ack = self.link.call("ReportEvaluation", lambda: self.link.stub.ReportEvaluation(
+            report, metadata=self._metadata()), on_unauthenticated=self.register)
+        if not ack.accepted:
+            log.warning("evaluation refused: %s", ack.reason)
+
+
+def _prepend(first: T, rest: Iterator[T]) -> Iterator[T]:
+    yield first
+    yield from rest

@@ -1,0 +1,262 @@
+"""The client's MLLM: transformers' `LlavaForConditionalGeneration` with only its projector trainable.
+
+The composed model is built from a separately loaded vision tower and causal LM (a local
+folder, a hub id, or "micro" for the embedded zoo): their pretrained modules become the Llava
+model's `model.vision_tower`, `model.language_model` and `lm_head`, and a fresh projector
+(`fedcmp.common.projector`, keyed like transformers' `multi_modal_projector`) sits between them.
+Everything but the projector is frozen.
+
+Training never re-runs the vision tower: `encode_images` computes the frozen features once
+(layer `vision_feature_layer`, CLS dropped under the `default` strategy, exactly as
+`LlavaModel.get_image_features` selects them) and `caption_nll` feeds their projection to the LM
+as input embeddings, following LLaVA's `plain` pretraining template.
+
+On CUDA the frozen backbones are held in bfloat16 and forwards run under bf16 autocast; the
+projector's (master) weights stay float32. On CPU everything is float32.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+from transformers import (
+    MODEL_MAPPING,
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BaseImageProcessor,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from fedcmp.client.data import IMAGE_TOKEN, DataError
+from fedcmp.common.projector import build_projector, describe_shapes, init_projector_params, projector_shapes
+from fedcmp.common.recipe import Recipe
+
+
+class ProjectorMLLM:
+    """A frozen vision tower + frozen causal LM around a trainable LLaVA projector."""
+
+    def __init__(
+        self,
+        llava: LlavaForConditionalGeneration,
+        tokenizer: PreTrainedTokenizerBase,
+        image_processor: BaseImageProcessor,
+        recipe: Recipe,
+        device: str,
+    ) -> None:
+        self.llava = llava
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.device = torch.device(device)
+        self.projector_type = recipe.projector_type
+        self.max_caption_tokens = recipe.max_caption_tokens
+
+        config = llava.config
+        self.vision_hidden: int = config.vision_config.hidden_size
+        self.text_hidden: int = config.text_config.hidden_size
+        self.num_image_tokens: int = config.image_seq_length
+        self.image_token_id: int = config.image_token_id
+        self.eos_token_id: int = tokenizer.eos_token_id
+        self.pad_token_id: int = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
+
+    @classmethod
+    def from_pretrained(
+        cls, vision: str, llm: str, recipe: Recipe, device: str = "cpu", cache_dir: Path | None = None
+    ) -> ProjectorMLLM:
+        """Load both backbones, compose the Llava model around a seeded projector, freeze the rest."""
+        torch_device = torch.device(device)
+        dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
+        vision_path = _resolve(vision, "vision", cache_dir)
+        llm_path = _resolve(llm, "llm", cache_dir)
+
+        vision_tower = _load_vision_tower(vision_path, dtype, cache_dir)
+        image_processor = AutoImageProcessor.from_pretrained(vision_path, cache_dir=cache_dir)
+        causal_lm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, cache_dir=cache_dir)
+        tokenizer = AutoTokenizer.from_pretrained(llm_path, cache_dir=cache_dir)
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"the tokenizer of {llm} has no eos token; captions must end with one")
+        image_token_id = _ensure_image_token(tokenizer, causal_lm)
+
+        config = LlavaConfig(
+            vision_config=vision_tower.config,
+            text_config=causal_lm.config,
+            image_token_id=image_token_id,
+            image_seq_length=_num_image_tokens(vision_tower.config, recipe.vision_feature_select),
+            projector_hidden_act="gelu",
+            vision_feature_layer=recipe.vision_feature_layer,
+            vision_feature_select_strategy=recipe.vision_feature_select,
+        )
+        # Build the shell on the meta device (no memory, no random init), then move the loaded
+        # pretrained modules into it: weights are shared, never copied.
+        with torch.device("meta"):
+            llava = LlavaForConditionalGeneration(config)
+        llava.model.vision_tower = vision_tower
+        llava.model.language_model = causal_lm.get_decoder()
+        llava.lm_head = causal_lm.get_output_embeddings()
+
+        vision_hidden, text_hidden = vision_tower.config.hidden_size, causal_lm.config.hidden_size
+        projector = build_projector(recipe.projector_type, vision_hidden, text_hidden)
+        projector.load_state_dict(init_projector_params(recipe.projector_type, vision_hidden, text_hidden, recipe.seed))
+        llava.model.multi_modal_projector = projector
+
+        llava.to(torch_device)
+        projector.float()  # master weights stay float32 under bf16 backbones
+        llava.requires_grad_(False)
+        projector.requires_grad_(True)
+        llava.eval()  # always: no dropout anywhere, so training is deterministic
+        return cls(llava, tokenizer, image_processor, recipe, device)
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.llava.model.multi_modal_projector
+
+    def signature(self) -> dict[str, tuple[int, ...]]:
+        return projector_shapes(self.projector_type, self.vision_hidden, self.text_hidden)
+
+    def projector_params(self) -> dict[str, Tensor]:
+        """Detached CPU float32 copies of the projector tensors, keyed `linear_1.weight`, ..."""
+        state = self.projector.state_dict()
+        return {key: value.detach().to("cpu", torch.float32).clone() for key, value in state.items()}
+
+    def load_projector_params(self, params: dict[str, Tensor]) -> None:
+        """Copy `params` into the projector; refuse any missing, extra or wrongly shaped tensor."""
+        expected = self.signature()
+        got = {key: tuple(value.shape) for key, value in params.items()}
+        if got != expected:
+            problems = [f"missing {key}" for key in sorted(expected.keys() - got.keys())]
+            problems += [f"unexpected {key}" for key in sorted(got.keys() - expected.keys())]
+            problems += [
+                f"{key}: expected {describe_shapes({key: expected[key]})}, got {describe_shapes({key: got[key]})}"
+                for key in sorted(expected.keys() & got.keys())
+                if expected[key] != got[key]
+            ]
+            raise ValueError(
+                f"projector parameters do not fit this {self.projector_type} projector ({'; '.join(problems)}); "
+                f"expected {describe_shapes(expected)}, got {describe_shapes(got)}"
+            )
+        with torch.no_grad():
+            for key, parameter in self.projector.named_parameters():
+                parameter.copy_(params[key])
+
+    @torch.no_grad()
+    def encode_images(self, paths: Sequence[Path], batch_size: int, show_progress: bool = False) -> Tensor:
+        """Frozen vision features [N, P, vision_hidden] as the projector sees them; float32 on CPU."""
+        layer = self.llava.config.vision_feature_layer
+        chunks: list[Tensor] = [torch.empty(0, self.num_image_tokens, self.vision_hidden)]
+        starts = range(0, len(paths), batch_size)
+        for start in tqdm(starts, desc="encoding images", unit="batch", disable=None if show_progress else True):
+            images = [_open_rgb(Path(path)) for path in paths[start : start + batch_size]]
+            pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
+            with self._autocast():
+                # hidden_states: num_layers + 1 tensors of [b, 1 + patches, vision_hidden] (embeddings first)
+                hidden_states = self.llava.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+            features = hidden_states[layer]  # [b, 1 + patches, vision_hidden]
+            if self.llava.config.vision_feature_select_strategy == "default":
+                features = features[:, 1:]  # drop CLS -> [b, patches, vision_hidden]
+            chunks.append(features.to("cpu", torch.float32))
+        return torch.cat(chunks)
+
+    def tokenize_captions(self, captions: Sequence[str]) -> tuple[Tensor, Tensor]:
+        """Caption ids [N, L] (caption + eos, at most `max_caption_tokens`, right-padded) and their mask [N, L]."""
+        encoded = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
+        rows = [ids[: self.max_caption_tokens - 1] + [self.eos_token_id] for ids in encoded]
+        length = max((len(row) for row in rows), default=1)
+        caption_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
+        caption_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for index, row in enumerate(rows):
+            caption_ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
+            caption_mask[index, : len(row)] = 1
+        return caption_ids, caption_mask
+
+    def caption_nll(self, features: Tensor, caption_ids: Tensor, caption_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-example summed caption NLL [B] (float32) and supervised token counts [B].
+
+        LLaVA `plain` template: the sequence is <image> + caption + </s>, where <image> stands for
+        the P projected features, placed directly as the first P input embeddings.
+        """
+        features = features.to(self.device)  # [B, P, vision_hidden]
+        caption_ids = caption_ids.to(self.device)  # [B, L]
+        caption_mask = caption_mask.to(self.device)  # [B, L]
+        # Right padding: columns past this batch's longest caption hold no token; drop them.
+        length = int(caption_mask.sum(dim=1).max())
+        caption_ids, caption_mask = caption_ids[:, :length], caption_mask[:, :length]  # [B, L], L = longest caption
+        batch, patches = features.shape[:2]
+        with self._autocast():
+            image_embeds = self.projector(features)  # [B, P, text_hidden]
+            text_embeds = self.llava.get_input_embeddings()(caption_ids)  # [B, L, text_hidden]
+            image_embeds = image_embeds.to(text_embeds.dtype)
+            inputs_embeds = torch.cat([image_embeds, text_embeds], dim=1)  # [B, P + L, text_hidden]
+            attention_mask = torch.cat([caption_mask.new_ones(batch, patches), caption_mask], dim=1)  # [B, P + L]
+            hidden = self.llava.model.language_model(
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask
+            ).last_hidden_state  # [B, P + L, text_hidden]
+            # LLaVA's labels are [-100] * P + caption ids (pads -100), and position t predicts token t + 1.
+            # So the P - 1 first image positions predict nothing, and positions P - 1 .. P + L - 2
+            # predict the L caption tokens: compute logits only there.
+            logits = self.llava.lm_head(hidden[:, patches - 1 : -1])  # [B, L, vocab]
+        token_nll = F.cross_entropy(logits.float().flatten(0, 1), caption_ids.flatten(), reduction="none")  # [B * L]
+        token_nll = token_nll.view_as(caption_ids).masked_fill(caption_mask == 0, 0.0)  # [B, L], pads unsupervised
+        return token_nll.sum(dim=1), caption_mask.sum(dim=1)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+def _resolve(name_or_path: str, kind: str, cache_dir: Path | None) -> str:
+    """A local folder as is; anything else ("micro", a hub id) through the zoo's resolver."""
+    if Path(name_or_path).is_dir():
+        return str(name_or_path)
+    from fedcmp.common.zoo import resolve_backbone  # imported here: only zoo names and hub ids need it
+
+    return resolve_backbone(name_or_path, kind, cache_dir)
+
+
+def _num_image_tokens(vision_config: PreTrainedConfig, select_strategy: str) -> int:
+    """P: one token per patch, plus CLS when the `full` strategy keeps it."""
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    return patches + (1 if select_strategy == "full" else 0)
+
+
+def _open_rgb(path: Path) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except OSError as error:  # includes PIL's UnidentifiedImageError
+        raise DataError(f"{path}: cannot read image: {error}") from error
+
+
+def _load_vision_tower(path: str, dtype: torch.dtype, cache_dir: Path | None) -> PreTrainedModel:
+    """The vision encoder alone; from a dual-encoder checkpoint (e.g. a full CLIP) keep its vision half."""
+    config = AutoConfig.from_pretrained(path, cache_dir=cache_dir)
+    vision_config = config.vision_config if hasattr(config, "vision_config") else config
+    model_class = MODEL_MAPPING[type(vision_config)]  # CLIPVisionConfig -> CLIPVisionModel, as Llava itself maps it
+    return model_class.from_pretrained(path, dtype=dtype, cache_dir=cache_dir)
+
+
+def _ensure_image_token(tokenizer: PreTrainedTokenizerBase, causal_lm: PreTrainedModel) -> int:
+    """The id of <image>, added to tokenizer and embeddings when a real LM lacks it."""
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    rows = causal_lm.get_input_embeddings().weight.shape[0]
+    if image_token_id >= rows:
+        causal_lm.resize_token_embeddings(image_token_id + 1, mean_resizing=False)
+        # As LLaVA's smart_tokenizer_and_embedding_resize: new rows are the mean of the old ones
+        # (deterministic on every client, unlike a random init).
+        with torch.no_grad():
+            for weight in (causal_lm.get_input_embeddings().weight, causal_lm.get_output_embeddings().weight):
+                weight[rows:] = weight[:rows].mean(dim=0, keepdim=True)
+    return image_token_id

@@ -1,0 +1,187 @@
+"""One client's local training: its data, model and cached features, and the per-round loop.
+
+A `LocalSession` is opened once per client and reused round after round (by the daemon and by
+the in-process simulator). It encodes every image once, since the vision tower is frozen.
+
+Determinism: the batches of a round are a pure function of (recipe.seed, client_id,
+round_index, local_steps, num_train_samples). Training reads a stream of successive seeded
+permutations of the train split (epoch e is the permutation seeded by hash(seed, client_id, e)),
+and round r consumes stream positions [r * local_steps * B, (r + 1) * local_steps * B). A client
+restarted at round r therefore trains on exactly the batches it would have had, and the
+optimizer is fresh each round, so a round depends only on the global projector it starts from.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from fedcmp.client.data import CaptionExample, load_llava_json, split_train_val
+from fedcmp.client.evaluation import caption_nll
+from fedcmp.client.model import ProjectorMLLM
+from fedcmp.common.recipe import Recipe
+
+
+@dataclass
+class EncodedSplit:
+    """Examples with their frozen vision features and tokenized captions, row-aligned."""
+
+    examples: list[CaptionExample]
+    features: Tensor  # [N, P, vision_hidden] float32, CPU
+    caption_ids: Tensor  # [N, L]
+    caption_mask: Tensor  # [N, L]
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def take(self, rows: slice) -> EncodedSplit:
+        return EncodedSplit(self.examples[rows], self.features[rows], self.caption_ids[rows], self.caption_mask[rows])
+
+
+def encode_examples(
+    model: ProjectorMLLM, examples: Sequence[CaptionExample], batch_size: int, show_progress: bool = False
+) -> EncodedSplit:
+    """Run the frozen vision tower and the tokenizer over `examples` once."""
+    features = model.encode_images([example.image_path for example in examples], batch_size, show_progress)
+    caption_ids, caption_mask = model.tokenize_captions([example.caption for example in examples])
+    return EncodedSplit(list(examples), features, caption_ids, caption_mask)
+
+
+def batch_schedule(
+    seed: int, client_id: str, round_index: int, local_steps: int, batch_size: int, num_samples: int
+) -> Tensor:
+    """Train-split indices [local_steps, batch_size] of round `round_index`'s batches."""
+    if num_samples < 1:
+        raise ValueError("cannot schedule batches over an empty train split")
+    start = round_index * local_steps * batch_size
+    positions = torch.arange(start, start + local_steps * batch_size)  # [S * B] stream positions
+    epochs = positions // num_samples  # [S * B]
+    indices = torch.empty_like(positions)
+    for epoch in torch.unique(epochs).tolist():
+        in_epoch = epochs == epoch
+        indices[in_epoch] = _epoch_permutation(seed, client_id, epoch, num_samples)[positions[in_epoch] % num_samples]
+    return indices.view(local_steps, batch_size)
+
+
+def _epoch_permutation(seed: int, client_id: str, epoch: int, num_samples: int) -> Tensor:
+    digest = hashlib.sha256(f"fedcmp-batches:{seed}:{client_id}:{epoch}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return torch.randperm(num_samples, generator=generator)
+
+
+@dataclass
+class LocalSession:
+    """One client's model, recipe and encoded train/val splits."""
+
+    client_id: str
+    recipe: Recipe
+    model: ProjectorMLLM
+    train: EncodedSplit
+    val: EncodedSplit
+    show_progress: bool = False
+
+    @classmethod
+    def open(
+        cls,
+        data: Path,
+        recipe: Recipe,
+        client_id: str,
+        device: str = "cpu",
+        cache_dir: Path | None = None,
+        image_folder: Path | None = None,
+        show_progress: bool = False,
+    ) -> LocalSession:
+        """Load and split the data, load the model, and encode every image once."""
+        examples = load_llava_json(data, image_folder)
+        model = ProjectorMLLM.from_pretrained(recipe.vision_model, recipe.llm, recipe, device, cache_dir)
+        return cls.from_examples(model, recipe, client_id, examples, show_progress)
+
+    @classmethod
+    def from_examples(
+        cls,
+        model: ProjectorMLLM,
+        recipe: Recipe,
+        client_id: str,
+        examples: Sequence[CaptionExample],
+        show_progress: bool = False,
+    ) -> LocalSession:
+        """A session over already-loaded examples and model (the simulator shares one model among clients)."""
+        train_examples, val_examples = split_train_val(examples, recipe.val_fraction, recipe.seed)
+        encoded = encode_examples(model, train_examples + val_examples, recipe.batch_size, show_progress)
+        num_train = len(train_examples)
+        train, val = encoded.take(slice(0, num_train)), encoded.take(slice(num_train, None))
+        return cls(client_id, recipe, model, train, val, show_progress)
+
+    @property
+    def num_train_samples(self) -> int:
+        return len(self.train)
+
+    @property
+    def num_val_samples(self) -> int:
+        return len(self.val)
+
+    def signature(self) -> dict[str, tuple[int, ...]]:
+        return self.model.signature()
+
+    def evaluate(self, params: dict[str, Tensor]) -> dict[str, float]:
+        """Mean token NLL of `params` on the val split and its token count.
+
+        A client without a val split (val_fraction 0, or a single example) reports
+        val_loss NaN with val_tokens 0: weight val losses by val_tokens when combining them.
+        """
+        if len(self.val) == 0:
+            return {"val_loss": math.nan, "val_tokens": 0.0}
+        self.model.load_projector_params(params)
+        val = self.val
+        val_loss = caption_nll(self.model, val.features, val.caption_ids, val.caption_mask, self.recipe.batch_size)
+        return {"val_loss": val_loss, "val_tokens": float(val.caption_mask.sum().item())}
+
+    def train_round(
+        self, global_params: dict[str, Tensor], round_index: int, local_steps: int
+    ) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """`local_steps` optimizer steps from `global_params`; returns the local projector and metrics."""
+        if local_steps < 1:
+            raise ValueError(f"local_steps must be at least 1, got {local_steps}")
+        recipe, model = self.recipe, self.model
+        model.load_projector_params(global_params)
+        projector = model.projector
+        anchor = {name: param.detach().clone() for name, param in projector.named_parameters()}  # w_global, for FedProx
+        if recipe.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(projector.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+        else:
+            optimizer = torch.optim.SGD(projector.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+
+        schedule = batch_schedule(
+            recipe.seed, self.client_id, round_index, local_steps, recipe.batch_size, self.num_train_samples
+        )  # [local_steps, B]
+        losses: list[float] = []
+        disable = None if self.show_progress else True  # None: tqdm shows the bar only on a terminal
+        progress = tqdm(schedule, desc=f"round {round_index}", unit="step", leave=False, disable=disable)
+        for batch in progress:
+            nll, tokens = model.caption_nll(
+                self.train.features[batch], self.train.caption_ids[batch], self.train.caption_mask[batch]
+            )  # [B], [B]
+            loss = nll.sum() / tokens.sum()  # mean NLL per supervised token, as LLaVA's loss
+            objective = loss
+            if recipe.proximal_mu > 0:
+                distance = sum(((param - anchor[name]) ** 2).sum() for name, param in projector.named_parameters())
+                objective = loss + recipe.proximal_mu / 2 * distance
+            objective.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            progress.set_postfix(loss=f"{losses[-1]:.4f}")
+
+        metrics = {
+            "train_loss": math.fsum(losses) / len(losses),
+            "train_loss_last": losses[-1],
+            "steps": float(local_steps),
+            "samples": float(local_steps * recipe.batch_size),
+        }
+        return model.projector_params(), metrics

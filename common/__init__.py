@@ -1,0 +1,1 @@
+"""Shared pieces of fedcmp: recipe, projector layout, blob codec, wire stubs, micro zoo, data."""

@@ -1,0 +1,131 @@
+"""`fedcmp-server`: start (or resume) a coordinator on a port and run the recipe to DONE."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+from grpc_health.v1 import health_pb2
+
+from fedcmp.common.constants import DEFAULT_PORT, EXIT_OK, EXIT_USAGE
+from fedcmp.common.logs import setup_logging
+from fedcmp.common.recipe import Recipe, RecipeError, load_recipe
+from fedcmp.server.rounds import Coordinator
+from fedcmp.server.service import SERVICE_NAME, build_server
+from fedcmp.server.store import RunStore, StateError
+from fedcmp.server.strategies import available_strategies, build_strategy
+
+log = logging.getLogger("fedcmp.server")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fedcmp-server", description=__doc__)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port (printed at start)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 for all")
+    parser.add_argument("--config", type=Path, help="recipe file (YAML or JSON); flags override its fields")
+    parser.add_argument("--strategy", help=f"one of: {', '.join(available_strategies())}")
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--min-clients", type=int)
+    parser.add_argument("--clients-per-round", type=int)
+    parser.add_argument("--round-timeout", type=float, dest="round_timeout_s")
+    parser.add_argument("--local-steps", type=int)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--state-dir", type=Path, default=Path("runs/server"))
+    parser.add_argument("--resume", action="store_true", help="continue the run held in --state-dir")
+    parser.add_argument("--linger", type=float, default=30.0,
+                        help="after DONE, keep serving up to this many seconds until every client has been told")
+    parser.add_argument("--port-file", type=Path, help="write the bound port here once serving (for scripts)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser.parse_args(argv)
+
+
+def resolve_recipe(args: argparse.Namespace, store: RunStore) -> Recipe:
+    overrides = {"strategy": args.strategy, "rounds": args.rounds, "min_clients": args.min_clients,
+                 "clients_per_round": args.clients_per_round, "round_timeout_s": args.round_timeout_s,
+                 "local_steps": args.local_steps, "seed": args.seed}
+    if args.resume:
+        stored = Recipe.from_json(store.load_recipe_json())
+        asked = load_recipe(args.config, overrides) if args.config else None
+        if asked is not None and asked != stored:
+            raise RecipeError(f"--resume continues the recipe stored in {store.recipe_file}; the --config given "
+                              "differs from it (drop --config, or start a new --state-dir)")
+        # Extending a finished or running job by more rounds is allowed; nothing else changes on resume.
+        changed = {key: value for key, value in overrides.items() if value is not None and key != "rounds"}
+        if any(getattr(stored, key) != value for key, value in changed.items()):
+            raise RecipeError(f"--resume keeps the stored recipe; only --rounds may change (got {changed})")
+        return stored.model_copy(update={"rounds": args.rounds}) if args.rounds else stored
+    return load_recipe(args.config, overrides)
+
+
+def open_run(args: argparse.Namespace) -> Coordinator:
+    store = RunStore(args.state_dir)
+    if args.resume and not store.has_run():
+        raise StateError(f"--resume given but {args.state_dir} holds no run")
+    recipe = resolve_recipe(args, store)
+    strategy = build_strategy(recipe.strategy, recipe.strategy_params)
+    if args.resume:
+        record = store.load()
+        strategy.load_state_dict(store.load_strategy_state(record.committed_round))
+        log.info("resuming %s at round %d of %d", args.state_dir, record.committed_round + 1, recipe.rounds)
+    else:
+        record = store.create(recipe.to_json(), recipe.strategy)
+    return Coordinator(recipe, store, strategy, record)
+
+
+async def serve(args: argparse.Namespace, coordinator: Coordinator) -> int:
+    server, port = build_server(coordinator, f"{args.host}:{args.port}", credentials=None)
+    await server.start()
+    await server.health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    await server.health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    log.info("coordinator listening on %s:%d (strategy %s, %d rounds, state %s)", args.host, port,
+             coordinator.strategy.name, coordinator.recipe.rounds, args.state_dir)
+    if args.port_file:
+        args.port_file.write_text(str(port))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    run = asyncio.create_task(coordinator.run())
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait({run, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if run.done():
+        run.result()  # surface a crash of the round loop
+        deadline = time.monotonic() + args.linger
+        while (time.monotonic() < deadline and not stop.is_set()
+               and not set(coordinator.clients) <= coordinator.told_done):
+            await asyncio.sleep(0.2)
+        log.info("run DONE; final metrics: %s", coordinator.record.final_metrics)
+    else:
+        log.info("stopping on signal; state is committed up to round %d", coordinator.record.committed_round)
+        run.cancel()
+    await server.health_servicer.enter_graceful_shutdown()
+    await server.stop(grace=2.0)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.verbose)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    try:
+        coordinator = open_run(args)
+    except (RecipeError, StateError, ValueError) as error:
+        print(f"fedcmp-server: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # uvloop is not available on Windows
+        runner = asyncio.run
+    return runner(serve(args, coordinator))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""The gRPC face of the coordinator: translates `Coordinator` calls to and from fedcmp.v1 messages.
+
+Runs on grpc.aio. Sessions are checked on every call; blobs stream in CHUNK_BYTES chunks both
+ways; uploads are spilled to disk chunk by chunk, never held whole in memory.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from fedcmp.common.codec import BlobIntegrityError, iter_chunks
+from fedcmp.common.constants import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
+from fedcmp.common.wire import coordinator_pb2 as pb
+from fedcmp.common.wire import coordinator_pb2_grpc as pb_grpc
+from fedcmp.server.rounds import ClientRecord, Coordinator, SessionError, TaskSpec
+
+log = logging.getLogger("fedcmp.server")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+
+
+class CoordinatorService(pb_grpc.CoordinatorServicer):
+    def __init__(self, coordinator: Coordinator) -> None:
+        self.coordinator = coordinator
+
+    async def _session(self, client_id: str, token: str, context: grpc.aio.ServicerContext) -> ClientRecord:
+        try:
+            return self.coordinator.authenticate(client_id, token)
+        except SessionError as error:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
+            raise  # abort raises; this keeps type checkers informed
+
+    async def GetRecipe(self, request: pb.RecipeRequest, context: grpc.aio.ServicerContext) -> pb.RecipeReply:
+        return pb.RecipeReply(recipe_json=self.coordinator.recipe.to_json(), protocol_version=PROTOCOL_VERSION)
+
+    async def Register(self, request: pb.RegisterRequest, context: grpc.aio.ServicerContext) -> pb.RegisterReply:
+        if request.protocol_version != PROTOCOL_VERSION:
+            return pb.RegisterReply(accepted=False, reason=f"protocol version {request.protocol_version} is not "
+                                                           f"supported; the coordinator speaks {PROTOCOL_VERSION}")
+        shapes = {spec.name: tuple(spec.shape) for spec in request.projector}
+        verdict = self.coordinator.register(request.client_id, shapes, request.num_samples, request.num_eval_samples)
+        if not verdict.accepted:
+            log.warning("refused %s: %s", request.client_id, verdict.reason)
+        return pb.RegisterReply(accepted=verdict.accepted, reason=verdict.reason, session_token=verdict.token,
+                                recipe_json=self.coordinator.recipe.to_json() if verdict.accepted else "")
+
+    async def PollTask(self, request: pb.PollTaskRequest, context: grpc.aio.ServicerContext) -> pb.Task:
+        client = await self._session(request.client_id, request.session_token, context)
+        return task_message(await self.coordinator.next_task(client))
+
+    async def DownloadProjector(self, request: pb.DownloadRequest,
+                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.BlobChunk]:
+        await self._session(request.client_id, request.session_token, context)
+        try:
+            blob, digest = self.coordinator.global_blob(request.global_version)
+        except LookupError as error:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+        offset = 0
+        for chunk in iter_chunks(blob):
+            yield pb.BlobChunk(data=bytes(chunk), offset=offset, total_size=len(blob), sha256=digest)
+            offset += len(chunk)
+
+    async def UploadUpdate(self, request_iterator: AsyncIterator[pb.UploadMessage],
+                           context: grpc.aio.ServicerContext) -> pb.UploadAck:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or not first.HasField("header"):
+            return pb.UploadAck(accepted=False, reason="an upload must start with a header message")
+        header = first.header
+        client = await self._session(header.client_id, header.session_token, context)
+        verdict = self.coordinator.check_upload(client, header.round, header.global_version)
+        if verdict is not None:
+            return pb.UploadAck(accepted=verdict.accepted, reason=verdict.reason, duplicate=verdict.duplicate)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for message in request_iterator:
+                if not message.HasField("chunk"):
+                    raise BlobIntegrityError("a second header arrived in the middle of an upload")
+                yield message.chunk
+
+        try:
+            await self.coordinator.store.spill_upload(header.round, client.client_id, header.num_samples,
+                                                      dict(header.metrics), header.size, header.sha256, chunks())
+        except BlobIntegrityError as error:
+            log.warning("rejected upload of %s for round %d: %s", client.client_id, header.round, error)
+            return pb.UploadAck(accepted=False, reason=f"upload rejected: {error}")
+        self.coordinator.upload_accepted(client, header.round)
+        return pb.UploadAck(accepted=True)
+
+    async def ReportEvaluation(self, request: pb.EvaluationReport,
+                               context: grpc.aio.ServicerContext) -> pb.EvaluationAck:
+        client = await self._session(request.client_id, request.session_token, context)
+        verdict = self.coordinator.accept_evaluation(client, request.global_version, request.num_samples,
+                                                     dict(request.metrics))
+        return pb.EvaluationAck(accepted=verdict.accepted, reason=verdict.reason)
+
+    async def GetStatus(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.Status:
+        return status_message(self.coordinator)
+
+    async def WatchStatus(self, request: pb.StatusRequest,
+                          context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Status]:
+        async for _ in self.coordinator.watch():
+            yield status_message(self.coordinator)
+
+
+def task_message(task: TaskSpec) -> pb.Task:
+    return pb.Task(kind=pb.Task.Kind.Value(task.kind), round=task.round, global_version=task.global_version,
+                   local_steps=task.local_steps, hyper_params=task.hyper_params, retry_after_s=task.retry_after_s,
+                   message=task.message)
+
+
+def status_message(coordinator: Coordinator) -> pb.Status:
+    now = time.monotonic()
+    record = coordinator.record
+    return pb.Status(
+        phase=coordinator.phase.value,
+        round=coordinator.round,
+        total_rounds=coordinator.recipe.rounds,
+        global_version=record.global_version,
+        strategy=coordinator.strategy.name,
+        clients=[pb.ClientInfo(client_id=c.client_id, num_samples=c.num_samples, state=c.state,
+                               last_seen_s=now - c.last_seen) for c in sorted(coordinator.clients.values(),
+                                                                              key=lambda c: c.client_id)],
+        selected=coordinator.selected,
+        reported=sorted(coordinator.reported),
+        history=[pb.RoundMetrics(round=row["round"], participants=row["participants"], duration_s=row["duration_s"],
+                                 metrics={k: float(v) for k, v in row.items()
+                                          if isinstance(v, (int, float)) and k not in ("round", "participants")})
+                 for row in record.history],
+        eta_s=coordinator.eta_s(),
+        uptime_s=now - coordinator.started,
+        final_metrics=record.final_metrics,
+    )
+
+
+def build_server(coordinator: Coordinator, bind: str, credentials: grpc.ServerCredentials | None,
+                 interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server with the Coordinator, health and reflection services, bound to `bind`."""
+    options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    server = grpc.aio.server(options=options, interceptors=interceptors)
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    port = server.add_secure_port(bind, credentials) if credentials else server.add_insecure_port(bind)
+    server.health_servicer = health_servicer  # type: ignore[attr-defined]
+    return server, port

@@ -1,0 +1,66 @@
+"""`fedcmp-status`: show a coordinator's run — a table for people, `--json` for machines, `--watch` to follow."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from fedcmp.common.constants import EXIT_OK, EXIT_UNAVAILABLE
+from fedcmp.common.wire import coordinator_pb2 as pb
+from fedcmp.common.wire import coordinator_pb2_grpc as pb_grpc
+
+TABLE_METRICS = ("train_loss", "val_loss", "global_update_norm", "aggregation_s")
+
+
+def status_dict(status: pb.Status) -> dict[str, Any]:
+    return MessageToDict(status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def render(status: pb.Status) -> str:
+    eta = "unknown" if status.eta_s < 0 else f"{status.eta_s:.0f}s"
+    lines = [f"phase {status.phase}   round {status.round}/{status.total_rounds}   global v{status.global_version}   "
+             f"strategy {status.strategy}   eta {eta}   up {status.uptime_s:.0f}s",
+             f"clients ({len(status.clients)}):"]
+    lines += [f"  {c.client_id:<20} {c.state:<11} {c.num_samples:>7} samples   seen {c.last_seen_s:.0f}s ago"
+              for c in status.clients]
+    if status.selected:
+        lines.append(f"round {status.round}: {len(status.reported)}/{len(status.selected)} uploads in")
+    if status.history:
+        lines.append("round  clients  " + "".join(f"{name:>20}" for name in TABLE_METRICS) + "   seconds")
+        for row in status.history:
+            cells = "".join(f"{row.metrics[name]:>20.4f}" if name in row.metrics else f"{'-':>20}"
+                            for name in TABLE_METRICS)
+            lines.append(f"{row.round:>5}  {row.participants:>7}  {cells}   {row.duration_s:>7.1f}")
+    if status.final_metrics:
+        lines.append("final: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(status.final_metrics.items())))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedcmp-status", description=__doc__)
+    parser.add_argument("--server", required=True, help="coordinator address HOST:PORT")
+    parser.add_argument("--watch", action="store_true", help="print every change until the run is DONE")
+    parser.add_argument("--json", action="store_true", help="JSON (one object per line with --watch)")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the coordinator")
+    args = parser.parse_args(argv)
+    show = (lambda s: json.dumps(status_dict(s))) if args.json else render
+    with grpc.insecure_channel(args.server) as channel:
+        stub = pb_grpc.CoordinatorStub(channel)
+        try:
+            if args.watch:
+                for status in stub.WatchStatus(pb.StatusRequest(), wait_for_ready=True, timeout=None):
+                    print(show(status) + ("" if args.json else "\n"), flush=True)
+            else:
+                print(show(stub.GetStatus(pb.StatusRequest(), timeout=args.timeout)))
+        except grpc.RpcError as error:
+            print(f"fedcmp-status: {args.server}: {error.code().name}: {error.details()}", file=sys.stderr)
+            return EXIT_UNAVAILABLE
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,194 @@
+"""One federated run in one process: the same LocalSession, strategy and round logic as the real system.
+
+The round loop mirrors the coordinator's: the same client selection, the same round-start
+evaluation of the global on each client's held-out split, the same `train_round` call with the
+same (round, local_steps), the same strategy over updates in client-id order, the same
+sample-weighted metrics. So for a given seed the simulator's global projector equals the one a
+real coordinator commits (checked by an integration test). On top, it scores every global on
+the federation's test split, which no client sees.
+
+Bounds for the benchmark use the same trainer: `centralized` pools every client's training data
+into one session trained for the same total number of steps; `local` trains each client alone.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from fedcmp.client.data import load_llava_json
+from fedcmp.client.evaluation import caption_nll, retrieval_accuracy
+from fedcmp.client.model import ProjectorMLLM
+from fedcmp.client.trainer import EncodedSplit, LocalSession, encode_examples
+from fedcmp.common.projector import init_projector_params
+from fedcmp.common.recipe import Recipe
+from fedcmp.server.rounds import choose_clients, weighted_means
+from fedcmp.server.strategies import ClientUpdate, build_strategy
+
+Mode = Literal["federated", "centralized", "local"]
+MODES: tuple[str, ...] = ("federated", "centralized", "local")
+RoundCallback = Callable[[dict[str, float]], None]
+
+
+@dataclass
+class Federation:
+    """The clients' sessions (sharing one frozen model) and the encoded test split."""
+
+    model: ProjectorMLLM
+    sessions: dict[str, LocalSession]
+    test: EncodedSplit | None
+
+    @classmethod
+    def open(cls, root: Path, recipe: Recipe, cache_dir: Path | None = None, device: str = "cpu") -> Federation:
+        """Clients are `root/client_*` folders (client id = folder name); `root/test` is the test split."""
+        folders = sorted(path for path in Path(root).iterdir() if path.is_dir() and path.name.startswith("client_"))
+        if not folders:
+            raise FileNotFoundError(f"{root} holds no client_* folders (write one with `fedcmp-data --out {root}`)")
+        model = ProjectorMLLM.from_pretrained(recipe.vision_model, recipe.llm, recipe, device, cache_dir)
+        sessions = {folder.name: LocalSession.from_examples(model, recipe, folder.name, load_llava_json(folder))
+                    for folder in folders}
+        test_folder = Path(root) / "test"
+        test = (encode_examples(model, load_llava_json(test_folder), recipe.batch_size)
+                if test_folder.exists() else None)
+        return cls(model, sessions, test)
+
+    def with_recipe(self, recipe: Recipe) -> Federation:
+        """The same encoded data under another recipe (strategy, lr, rounds...): no re-encoding."""
+        sessions = {cid: LocalSession(cid, recipe, self.model, s.train, s.val) for cid, s in self.sessions.items()}
+        return Federation(self.model, sessions, self.test)
+
+
+@dataclass
+class SimResult:
+    rounds: list[dict[str, float]] = field(default_factory=list)  # one row per round
+    final: dict[str, float] = field(default_factory=dict)
+    global_params: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Simulator:
+    """Runs `mode` over a Federation and reports per-round metrics."""
+
+    def __init__(self, federation: Federation, recipe: Recipe, retrieval_candidates: int = 10) -> None:
+        self.federation = federation.with_recipe(recipe)
+        self.recipe = recipe
+        self.retrieval_candidates = retrieval_candidates
+
+    def run(self, mode: Mode = "federated", on_round: RoundCallback | None = None) -> SimResult:
+        if mode not in MODES:
+            raise ValueError(f"unknown simulation mode {mode!r}; known: {', '.join(MODES)}")
+        runner = {"federated": self._federated, "centralized": self._centralized, "local": self._local}[mode]
+        return runner(on_round or (lambda row: None))
+
+    # ---- modes ------------------------------------------------------------------------------
+    def _initial(self) -> dict[str, Tensor]:
+        model = self.federation.model
+        return init_projector_params(self.recipe.projector_type, model.vision_hidden, model.text_hidden,
+                                     self.recipe.seed)
+
+    def _federated(self, on_round: RoundCallback) -> SimResult:
+        recipe, sessions = self.recipe, self.federation.sessions
+        strategy = build_strategy(recipe.strategy, recipe.strategy_params)
+        current = self._initial()
+        result = SimResult()
+        for round_index in range(1, recipe.rounds + 1):
+            began = time.monotonic()
+            updates = []
+            for client_id in choose_clients(sessions, recipe, round_index):
+                session = sessions[client_id]
+                before = session.evaluate(current)
+                params, metrics = session.train_round(current, round_index - 1,
+                                                      recipe.local_steps_for(session.num_train_samples))
+                updates.append(ClientUpdate(client_id, int(metrics["samples"]), params, {**metrics, **before}))
+            current = strategy.aggregate(current, updates)
+            row = {"round": float(round_index), "participants": float(len(updates)),
+                   "duration_s": time.monotonic() - began,
+                   **weighted_means([(u.num_samples, u.metrics) for u in updates]), **self._test_metrics(current)}
+            result.rounds.append(row)
+            on_round(row)
+        return self._finish(result, current)
+
+    def _centralized(self, on_round: RoundCallback) -> SimResult:
+        """All training data in one session; each round takes as many steps as all clients together."""
+        recipe, sessions = self.recipe, self.federation.sessions
+        pooled = LocalSession("centralized", recipe, self.federation.model,
+                              concat_splits([s.train for s in sessions.values()]),
+                              concat_splits([s.val for s in sessions.values()]))
+        steps = sum(recipe.local_steps_for(s.num_train_samples) for s in sessions.values())
+        current = self._initial()
+        result = SimResult()
+        for round_index in range(1, recipe.rounds + 1):
+            current, metrics = pooled.train_round(current, round_index - 1, steps)
+            row = {"round": float(round_index), **metrics, **self._test_metrics(current)}
+            result.rounds.append(row)
+            on_round(row)
+        return self._finish(result, current, pooled)
+
+    def _local(self, on_round: RoundCallback) -> SimResult:
+        """Every client trains alone for all rounds; metrics are sample-weighted over the clients."""
+        recipe, sessions = self.recipe, self.federation.sessions
+        projectors = {client_id: self._initial() for client_id in sessions}
+        result = SimResult()
+        for round_index in range(1, recipe.rounds + 1):
+            rows = []
+            for client_id, session in sessions.items():
+                projectors[client_id], metrics = session.train_round(
+                    projectors[client_id], round_index - 1, recipe.local_steps_for(session.num_train_samples))
+                rows.append((session.num_train_samples, {**metrics, **self._test_metrics(projectors[client_id])}))
+            row = {"round": float(round_index), **weighted_means(rows)}
+            result.rounds.append(row)
+            on_round(row)
+        finals = [(s.num_train_samples, self._final_metrics(projectors[cid], s)) for cid, s in sessions.items()]
+        result.final = weighted_means(finals)
+        return result
+
+    # ---- metrics ----------------------------------------------------------------------------
+    def _test_metrics(self, params: dict[str, Tensor]) -> dict[str, float]:
+        test = self.federation.test
+        if test is None:
+            return {}
+        self.federation.model.load_projector_params(params)
+        return {"test_nll": caption_nll(self.federation.model, test.features, test.caption_ids, test.caption_mask,
+                                        self.recipe.batch_size)}
+
+    def _final_metrics(self, params: dict[str, Tensor], val_session: LocalSession | None = None) -> dict[str, float]:
+        """Test NLL and retrieval accuracy, plus the pooled held-out (validation) NLL used for tuning."""
+        metrics = self._test_metrics(params)
+        test = self.federation.test
+        if test is not None and len(test) >= self.retrieval_candidates:
+            metrics["test_retrieval"] = retrieval_accuracy(
+                self.federation.model, test.features, test.caption_ids, test.caption_mask,
+                num_candidates=self.retrieval_candidates, seed=self.recipe.seed)
+        sessions = [val_session] if val_session else list(self.federation.sessions.values())
+        evaluations = [(s.evaluate(params)) for s in sessions]
+        tokens = sum(e["val_tokens"] for e in evaluations)
+        if tokens > 0:
+            metrics["val_nll"] = sum(e["val_loss"] * e["val_tokens"] for e in evaluations if e["val_tokens"]) / tokens
+        return metrics
+
+    def _finish(self, result: SimResult, params: dict[str, Tensor], val_session: LocalSession | None = None) -> SimResult:
+        result.final = self._final_metrics(params, val_session)
+        result.global_params = params
+        return result
+
+
+def concat_splits(splits: Sequence[EncodedSplit]) -> EncodedSplit:
+    """One split holding the rows of all `splits` (captions padded to the longest)."""
+    width = max(split.caption_ids.shape[1] for split in splits)
+
+    def padded(tensor: Tensor) -> Tensor:
+        return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]))
+
+    return EncodedSplit([e for s in splits for e in s.examples], torch.cat([s.features for s in splits]),
+                        torch.cat([padded(s.caption_ids) for s in splits]),
+                        torch.cat([padded(s.caption_mask) for s in splits]))
+
+
+def rounds_to_reach(rows: Sequence[dict[str, float]], target: float, key: str = "test_nll") -> float:
+    """First round whose `key` is at or below `target` (NaN if never)."""
+    return next((row["round"] for row in rows if row.get(key, math.inf) <= target), math.nan)

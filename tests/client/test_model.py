@@ -1,0 +1,153 @@
+"""The MLLM wrapper: composition, freezing, label masking, and equality with Llava's own forward."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch import Tensor
+from transformers import LlavaForConditionalGeneration
+
+from fedcmp.client.data import load_llava_json
+from fedcmp.client.model import ProjectorMLLM
+from fedcmp.common.projector import LinearProjector, MlpGeluProjector, init_projector_params
+from fedcmp.common.recipe import Recipe
+
+
+
+@pytest.fixture(scope="module", params=["mlp2x_gelu", "linear"])
+def model(request: pytest.FixtureRequest, make_recipe: Callable[..., Recipe]) -> ProjectorMLLM:
+    recipe = make_recipe(projector_type=request.param)
+    return ProjectorMLLM.from_pretrained(recipe.vision_model, recipe.llm, recipe)
+
+
+def _batch(model: ProjectorMLLM, folder: Path, count: int) -> tuple[list[Path], list[str]]:
+    examples = load_llava_json(folder)[:count]
+    return [example.image_path for example in examples], [example.caption for example in examples]
+
+
+def _llava_loss(model: ProjectorMLLM, paths: list[Path], caption_ids: Tensor, caption_mask: Tensor) -> Tensor:
+    """LLaVA's own pretraining loss: P <image> tokens + caption, labels -100 on image positions and pads."""
+    batch, patches = caption_ids.shape[0], model.num_image_tokens
+    images = [Image.open(path).convert("RGB") for path in paths]
+    pixel_values = model.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    image_ids = torch.full((batch, patches), model.image_token_id)
+    input_ids = torch.cat([image_ids, caption_ids], dim=1)
+    attention_mask = torch.cat([torch.ones(batch, patches, dtype=torch.long), caption_mask], dim=1)
+    labels = torch.cat([torch.full((batch, patches), -100), caption_ids.masked_fill(caption_mask == 0, -100)], dim=1)
+    with torch.no_grad():
+        output = model.llava(
+            input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, labels=labels
+        )
+    return output.loss
+
+
+def test_composition(model: ProjectorMLLM, make_recipe: Callable[..., Recipe]) -> None:
+    assert isinstance(model.llava, LlavaForConditionalGeneration)
+    projector_class = LinearProjector if model.projector_type == "linear" else MlpGeluProjector
+    assert isinstance(model.llava.model.multi_modal_projector, projector_class)
+    assert (model.vision_hidden, model.text_hidden, model.num_image_tokens) == (24, 32, 16)
+    assert not any(tensor.is_meta for tensor in [*model.llava.parameters(), *model.llava.buffers()])
+    # The pretrained weights are the ones in the folders, not a fresh init.
+    recipe = make_recipe(projector_type=model.projector_type)
+    reference = ProjectorMLLM.from_pretrained(recipe.vision_model, recipe.llm, recipe)
+    theirs = dict(reference.llava.named_parameters())
+    for name, ours in model.llava.named_parameters():
+        assert name.startswith("model.multi_modal_projector.") or torch.equal(ours, theirs[name]), name
+    seeded = init_projector_params(model.projector_type, 24, 32, seed=0)
+    assert all(torch.equal(reference.projector_params()[key], value) for key, value in seeded.items())
+
+
+def test_only_projector_trains(model: ProjectorMLLM, scenes: Path) -> None:
+    trainable = {name for name, param in model.llava.named_parameters() if param.requires_grad}
+    assert trainable == {f"model.multi_modal_projector.{key}" for key in model.signature()}
+    paths, captions = _batch(model, scenes, 3)
+    nll, _ = model.caption_nll(model.encode_images(paths, 2), *model.tokenize_captions(captions))
+    nll.sum().backward()
+    with_grad = {name for name, param in model.llava.named_parameters() if param.grad is not None}
+    assert with_grad == trainable
+    model.projector.zero_grad(set_to_none=True)
+
+
+def test_tokenize_captions_appends_eos_pads_and_truncates(model: ProjectorMLLM) -> None:
+    caption_ids, caption_mask = model.tokenize_captions(["a red square", "a big blue circle on black " * 5])
+    eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
+    assert caption_ids.shape == (2, model.max_caption_tokens)
+    assert caption_mask[0].tolist() == [1] * 4 + [0] * (model.max_caption_tokens - 4)
+    assert caption_ids[0, :4].tolist() == model.tokenizer("a red square", add_special_tokens=False)["input_ids"] + [eos]
+    assert (caption_ids[0, 4:] == pad).all()
+    assert caption_mask[1].all() and caption_ids[1, -1] == eos  # truncated to max_caption_tokens, eos kept
+
+
+def test_only_caption_and_eos_are_supervised(model: ProjectorMLLM, scenes: Path) -> None:
+    paths, captions = _batch(model, scenes, 3)
+    features = model.encode_images(paths, batch_size=2)
+    assert features.shape == (3, 16, 24) and features.dtype == torch.float32
+    caption_ids, caption_mask = model.tokenize_captions([captions[0], "a red square", captions[2]])
+    with torch.no_grad():
+        nll, tokens = model.caption_nll(features, caption_ids, caption_mask)
+        alone, alone_tokens = model.caption_nll(features[1:2], caption_ids[1:2, :4], caption_mask[1:2, :4])
+    # 6 words + </s>; "a red square" + </s>; no image position is counted.
+    assert tokens.tolist() == [7, 4, 7]
+    # Padding positions add nothing: the padded example scores as it does alone.
+    assert alone_tokens.item() == 4
+    torch.testing.assert_close(nll[1:2], alone)
+
+
+def test_caption_nll_equals_full_llava_forward(model: ProjectorMLLM, scenes: Path) -> None:
+    paths, captions = _batch(model, scenes, 4)
+    captions[1] = "a red square"  # a shorter caption, so the batch is padded
+    caption_ids, caption_mask = model.tokenize_captions(captions)
+    with torch.no_grad():
+        nll, tokens = model.caption_nll(model.encode_images(paths, batch_size=3), caption_ids, caption_mask)
+    torch.testing.assert_close(nll.sum() / tokens.sum(), _llava_loss(model, paths, caption_ids, caption_mask))
+    for index in range(4):  # per example as well
+        one = slice(index, index + 1)
+        expected = _llava_loss(model, paths[one], caption_ids[one], caption_mask[one])
+        torch.testing.assert_close(nll[index] / tokens[index], expected)
+
+
+def test_projector_params_roundtrip_and_strict_load(model: ProjectorMLLM) -> None:
+    params = model.projector_params()
+    assert {key: tuple(value.shape) for key, value in params.items()} == model.signature()
+    assert all(value.dtype == torch.float32 and value.device.type == "cpu" for value in params.values())
+    shifted = {key: value + 1.0 for key, value in params.items()}
+    model.load_projector_params(shifted)
+    assert all(torch.equal(model.projector_params()[key], value) for key, value in shifted.items())
+    params["linear_1.weight"].zero_()  # copies, not views of the live weights
+    assert not torch.equal(model.projector_params()["linear_1.weight"], params["linear_1.weight"])
+
+    wrong = dict(shifted, **{"linear_1.weight": torch.zeros(32, 16)})
+    both_shapes = r"linear_1\.weight: expected linear_1\.weight\[32x24\], got linear_1\.weight\[32x16\]"
+    with pytest.raises(ValueError, match=both_shapes):
+        model.load_projector_params(wrong)
+    with pytest.raises(ValueError, match="missing linear_1.bias"):
+        model.load_projector_params({key: value for key, value in shifted.items() if key != "linear_1.bias"})
+    with pytest.raises(ValueError, match="unexpected extra.weight"):
+        model.load_projector_params(dict(shifted, **{"extra.weight": torch.zeros(1)}))
+
+
+def test_image_token_added_when_the_lm_lacks_it(
+    make_recipe: Callable[..., Recipe], llm_without_image_token: Path
+) -> None:
+    recipe = make_recipe(llm=str(llm_without_image_token), projector_type="linear")
+    model = ProjectorMLLM.from_pretrained(recipe.vision_model, recipe.llm, recipe)
+    vocab = model.tokenizer.get_vocab()
+    assert model.image_token_id == vocab["<image>"] == len(vocab) - 1
+    embeddings = model.llava.get_input_embeddings().weight
+    assert embeddings.shape[0] == len(vocab) == model.llava.lm_head.weight.shape[0]
+    torch.testing.assert_close(embeddings[-1], embeddings[:-1].mean(dim=0))
+
+
+def test_full_strategy_and_last_layer_match_llava(make_recipe: Callable[..., Recipe], scenes: Path) -> None:
+    recipe = make_recipe(vision_feature_select="full", vision_feature_layer=-1)
+    model = ProjectorMLLM.from_pretrained(recipe.vision_model, recipe.llm, recipe)
+    paths, captions = _batch(model, scenes, 2)
+    features = model.encode_images(paths, batch_size=2)
+    assert model.num_image_tokens == 17 and features.shape == (2, 17, 24)  # CLS kept
+    caption_ids, caption_mask = model.tokenize_captions(captions)
+    with torch.no_grad():
+        nll, tokens = model.caption_nll(features, caption_ids, caption_mask)
+    torch.testing.assert_close(nll.sum() / tokens.sum(), _llava_loss(model, paths, caption_ids, caption_mask))

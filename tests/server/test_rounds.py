@@ -1,0 +1,140 @@
+"""The round state machine without gRPC: registration checks, tasks, a full run to DONE, resume."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from fedcmp.common.codec import encode_params, iter_chunks, sha256_hex
+from fedcmp.common.projector import projector_shapes
+from fedcmp.common.recipe import Recipe
+from fedcmp.server.rounds import Coordinator, Phase, SessionError
+from fedcmp.server.store import RunStore
+from fedcmp.server.strategies import build_strategy
+
+SHAPES = projector_shapes("mlp2x_gelu", vision_hidden=6, text_hidden=8)
+
+
+def make_coordinator(tmp_path, **recipe_fields) -> Coordinator:
+    recipe = Recipe(**{"rounds": 2, "min_clients": 2, "round_timeout_s": 30.0, **recipe_fields})
+    store = RunStore(tmp_path)
+    record = store.load() if store.has_run() else store.create(recipe.to_json(), recipe.strategy)
+    strategy = build_strategy(recipe.strategy, recipe.strategy_params)
+    strategy.load_state_dict(store.load_strategy_state(record.committed_round))
+    return Coordinator(recipe, store, strategy, record)
+
+
+async def _chunks(blob: bytes):
+    for chunk in iter_chunks(blob, 64):
+        yield bytes(chunk)
+
+
+async def act_as_client(coordinator: Coordinator, client_id: str, shift: float, num_samples: int) -> list[str]:
+    """Register, then answer tasks like a client whose training adds `shift` to every weight."""
+    verdict = coordinator.register(client_id, dict(SHAPES), num_samples, 5)
+    assert verdict.accepted, verdict.reason
+    client = coordinator.authenticate(client_id, verdict.token)
+    kinds = []
+    while True:
+        task = await coordinator.next_task(client, hold_s=0.5)
+        kinds.append(task.kind)
+        if task.kind == "DONE":
+            return kinds
+        if task.kind == "TRAIN":
+            blob_bytes, _ = coordinator.global_blob(task.global_version)
+            from fedcmp.common.codec import decode_params
+
+            trained = {k: v + shift for k, v in decode_params(blob_bytes).items()}
+            blob = encode_params(trained)
+            assert coordinator.check_upload(client, task.round, task.global_version) is None
+            await coordinator.store.spill_upload(task.round, client_id, num_samples,
+                                                 {"train_loss": shift, "val_loss": 1.0 / task.round}, len(blob),
+                                                 sha256_hex(blob), _chunks(blob))
+            coordinator.upload_accepted(client, task.round)
+        elif task.kind == "EVALUATE":
+            assert coordinator.accept_evaluation(client, task.global_version, 5, {"val_loss": 0.1}).accepted
+
+
+def test_a_run_goes_to_done_with_fedavg_of_the_uploads(tmp_path) -> None:
+    async def scenario() -> Coordinator:
+        coordinator = make_coordinator(tmp_path)
+        run = asyncio.create_task(coordinator.run())
+        kinds = await asyncio.gather(act_as_client(coordinator, "a", 1.0, 10),
+                                     act_as_client(coordinator, "b", 4.0, 30))
+        await run
+        assert all(k.count("TRAIN") == 2 and k.count("EVALUATE") == 1 and k[-1] == "DONE" for k in kinds)
+        return coordinator
+
+    coordinator = asyncio.run(scenario())
+    assert coordinator.phase is Phase.DONE
+    record = RunStore(tmp_path).load()
+    assert record.done and record.committed_round == 2
+    start = coordinator.store.load_global(1)
+    end = coordinator.store.load_global(2)
+    # FedAvg of shifts 1 and 4 weighted 10:30 -> each round moves every weight by 3.25.
+    assert torch.allclose(end["linear_1.bias"] - start["linear_1.bias"], torch.full((8,), 3.25))
+    first = record.history[0]
+    assert first["participants"] == 2 and first["clients"] == ["a", "b"]
+    assert first["train_loss"] == pytest.approx((1.0 * 10 + 4.0 * 30) / 40)
+    assert record.final_metrics["val_loss"] == pytest.approx(0.1)
+
+
+def test_a_mismatched_projector_is_refused_naming_both_shapes(tmp_path) -> None:
+    coordinator = make_coordinator(tmp_path)
+    assert coordinator.register("first", dict(SHAPES), 10, 1).accepted
+    other = projector_shapes("mlp2x_gelu", vision_hidden=12, text_hidden=8)
+    verdict = coordinator.register("second", other, 10, 1)
+    assert not verdict.accepted
+    assert "linear_1.weight[8x6]" in verdict.reason and "linear_1.weight[8x12]" in verdict.reason
+
+
+def test_the_first_client_must_match_the_recipes_projector_type(tmp_path) -> None:
+    coordinator = make_coordinator(tmp_path, projector_type="linear")
+    verdict = coordinator.register("first", dict(SHAPES), 10, 1)
+    assert not verdict.accepted and "linear projector has linear_1.bias[8], linear_1.weight[8x6]" in verdict.reason
+
+
+@pytest.mark.parametrize("client_id, samples, message", [
+    ("../x", 10, "not allowed"), ("ok", 0, "needs at least 1")])
+def test_bad_registrations(tmp_path, client_id, samples, message) -> None:
+    verdict = make_coordinator(tmp_path).register(client_id, dict(SHAPES), samples, 1)
+    assert not verdict.accepted and message in verdict.reason
+
+
+def test_stale_tokens_are_rejected(tmp_path) -> None:
+    coordinator = make_coordinator(tmp_path)
+    verdict = coordinator.register("a", dict(SHAPES), 10, 1)
+    coordinator.register("a", dict(SHAPES), 10, 1)  # the client restarted: the old token is void
+    with pytest.raises(SessionError, match="register again"):
+        coordinator.authenticate("a", verdict.token)
+
+
+def test_resume_continues_at_the_next_round(tmp_path) -> None:
+    async def one_round() -> None:
+        coordinator = make_coordinator(tmp_path, rounds=1)
+        run = asyncio.create_task(coordinator.run())
+        await asyncio.gather(act_as_client(coordinator, "a", 1.0, 10), act_as_client(coordinator, "b", 1.0, 10))
+        await run
+
+    asyncio.run(one_round())
+
+    async def resumed() -> Coordinator:
+        coordinator = make_coordinator(tmp_path, rounds=3)
+        assert coordinator.phase is Phase.WAITING
+        run = asyncio.create_task(coordinator.run())
+        kinds = await asyncio.gather(act_as_client(coordinator, "a", 1.0, 10), act_as_client(coordinator, "b", 1.0, 10))
+        await run
+        assert [k.count("TRAIN") for k in kinds] == [2, 2]  # rounds 2 and 3 only
+        return coordinator
+
+    coordinator = asyncio.run(resumed())
+    assert [row["round"] for row in coordinator.record.history] == [1, 2, 3]
+
+
+def test_uploads_outside_the_open_round_are_refused(tmp_path) -> None:
+    coordinator = make_coordinator(tmp_path)
+    verdict = coordinator.register("a", dict(SHAPES), 10, 1)
+    client = coordinator.authenticate("a", verdict.token)
+    refusal = coordinator.check_upload(client, 1, 0)
+    assert refusal is not None and not refusal.accepted and "not open" in refusal.reason
