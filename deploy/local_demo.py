@@ -9,6 +9,7 @@ process it started is stopped on the way out, whatever happens.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import subprocess
 import sys
@@ -75,9 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         watcher = subprocess.Popen([str(BIN / "fedcmp-status"), "--server", address, "--watch", "--json"],
                                    stdout=subprocess.PIPE, text=True)
         processes.append(watcher)
-        follow(watcher)
-        status = subprocess.run([str(BIN / "fedcmp-status"), "--server", address], capture_output=True, text=True)
-        print(status.stdout, flush=True)
+        print(render_status(follow(watcher)), flush=True)
         codes = [process.wait(timeout=120) for process in processes[:-1]]
         if any(codes):
             print(f"[demo] a process failed (exit codes {codes}); see {logs}", file=sys.stderr)
@@ -95,11 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def follow(watcher: subprocess.Popen) -> None:
-    """Print a line whenever the phase or round changes, until the run is DONE."""
-    import json
-
+def follow(watcher: subprocess.Popen) -> dict:
+    """Print a line whenever the phase or round changes, until the run is DONE; returns the last status."""
     last = None
+    status: dict = {}
     for line in watcher.stdout:
         status = json.loads(line)
         now = (status["phase"], status["round"], len(status.get("reported", [])))
@@ -111,13 +109,22 @@ def follow(watcher: subprocess.Popen) -> None:
                   f"uploads {len(status.get('reported', []))}/{len(status.get('selected', []))}{extra}", flush=True)
             last = now
         if status["phase"] == "DONE":
-            return
+            break
+    return status
+
+
+def render_status(status: dict) -> str:
+    """The `fedcmp-status` table of a status the watcher printed as JSON."""
+    from google.protobuf.json_format import ParseDict
+
+    from fedcmp.common.wire import coordinator_pb2 as pb
+    from fedcmp.server.status_cli import render
+
+    return render(ParseDict(status, pb.Status()))
 
 
 def publish(state: Path, out: Path) -> None:
     """Copy the final projector and metrics next to the logs, and draw the loss curve."""
-    import json
-
     from fedcmp.common.plots import plot_run
 
     record = json.loads((state / "run.json").read_text())

@@ -27,7 +27,7 @@ def render(status: pb.Status) -> str:
              f"clients ({len(status.clients)}):"]
     lines += [f"  {c.client_id:<20} {c.state:<11} {c.num_samples:>7} samples   seen {c.last_seen_s:.0f}s ago"
               for c in status.clients]
-    if status.selected:
+    if status.selected and status.phase == "TRAINING":
         lines.append(f"round {status.round}: {len(status.reported)}/{len(status.selected)} uploads in")
     if status.history:
         lines.append("round  clients  " + "".join(f"{name:>20}" for name in TABLE_METRICS) + "   seconds")
