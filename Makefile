@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 # The CPU build of PyTorch (a local wheel on the project's build machines); override for CUDA.
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+# Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning costs 15-30x.
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install proto test demo bench-system bench-quality bench-quality-quick clean
 

@@ -17,6 +17,7 @@ def test_two_clients_two_rounds_lower_the_held_out_loss(processes, two_client_da
                                                         strategy: str) -> None:
     state = tmp_path / "state"
     server, address = processes.server(state, "--rounds", "2", "--min-clients", "2", "--strategy", strategy,
+                                       "--local-steps", "15",
                                        "--linger", "20")
     watcher = subprocess.Popen([str(Path(sys.executable).parent / "fedcmp-status"), "--server", address, "--watch",
                                 "--json"], stdout=subprocess.PIPE, text=True)
