@@ -18,6 +18,7 @@ import torch
 from fedcmp.common.constants import EXIT_OK, EXIT_USAGE
 from fedcmp.common.logs import setup_logging
 from fedcmp.common.recipe import RecipeError, load_recipe
+from fedcmp.server.strategies import build_strategy
 from fedcmp.sim.engine import MODES, Federation, Simulator
 
 
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.config, {"strategy": args.strategy, "rounds": args.rounds, "lr": args.lr,
                                            "local_steps": args.local_steps, "seed": args.seed,
                                            "strategy_params": params or None})
+        build_strategy(recipe.strategy, recipe.strategy_params)  # refuse a bad name or knob before loading data
         federation = Federation.open(args.data, recipe, args.cache_dir)
         simulator = Simulator(federation, recipe)
     except (RecipeError, ValueError, FileNotFoundError) as error:
