@@ -12,6 +12,7 @@ import torch
 from fedcmp.client.daemon import ClientDaemon, ConnectionSettings, CoordinatorLink, CoordinatorUnreachable, RegistrationRefused
 from fedcmp.common.constants import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE, RECONNECT_BUDGET_S
 from fedcmp.common.logs import setup_logging
+from fedcmp.common.security import SecurityConfigError, bearer_metadata, channel_credentials
 
 log = logging.getLogger("fedcmp.client")
 
@@ -30,6 +31,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="override the recipe's batch size on this client")
     parser.add_argument("--cache-dir", type=Path, help="model zoo and feature cache (default $FEDCMP_CACHE or "
                                                        "~/.cache/fedcmp)")
+    parser.add_argument("--tls-ca", type=Path, help="CA that signed the coordinator's certificate (enables TLS)")
+    parser.add_argument("--tls-cert", type=Path, help="this client's certificate, for mutual TLS")
+    parser.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
+    parser.add_argument("--token-file", type=Path, help="file holding this client's bearer token")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads for torch")
     parser.add_argument("--reconnect-budget", type=float, default=RECONNECT_BUDGET_S,
                         help="seconds to keep retrying an unreachable coordinator before giving up")
@@ -54,7 +59,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedcmp-client: --data {args.data} does not exist", file=sys.stderr)
         return EXIT_USAGE
     client_id = args.client_id or default_client_id(args.data)
-    link = CoordinatorLink(ConnectionSettings(args.server, reconnect_budget_s=args.reconnect_budget))
+    try:
+        tls = args.tls_ca or args.tls_cert
+        credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key) if tls else None
+        metadata = bearer_metadata(args.token_file) if args.token_file else ()
+    except SecurityConfigError as error:
+        print(f"fedcmp-client: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    link = CoordinatorLink(ConnectionSettings(args.server, credentials, metadata, args.reconnect_budget))
     daemon = ClientDaemon(link, client_id)
     try:
         recipe = daemon.fetch_recipe()

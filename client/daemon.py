@@ -32,7 +32,7 @@ POLL_DEADLINE_S = 60.0
 
 
 class RegistrationRefused(RuntimeError):
-    """The coordinator refused this client; the message is the coordinator's reason."""
+    """The coordinator refused this client (shapes, credentials); the message is the coordinator's reason."""
 
 
 class CoordinatorUnreachable(RuntimeError):
@@ -60,7 +60,7 @@ class CoordinatorLink:
             self.channel = grpc.insecure_channel(settings.target, options=options)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
 
-    def call(self, what: str, attempt: Callable[[], T], on_unauthenticated: Callable[[], None] | None = None) -> T:
+    def call(self, what: str, attempt: Callable[[], T], on_lost_session: Callable[[], None] | None = None) -> T:
         """Run `attempt` until it succeeds, backing off while the coordinator is unreachable."""
         delay = RECONNECT_BASE_S
         give_up_at = time.monotonic() + self.settings.reconnect_budget_s
@@ -69,10 +69,12 @@ class CoordinatorLink:
                 return attempt()
             except grpc.RpcError as error:
                 code = error.code()
-                if code == grpc.StatusCode.UNAUTHENTICATED and on_unauthenticated is not None:
+                if code == grpc.StatusCode.FAILED_PRECONDITION and on_lost_session is not None:
                     log.warning("%s: %s; registering again", what, error.details())
-                    on_unauthenticated()
+                    on_lost_session()
                     continue
+                if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    raise RegistrationRefused(f"{what}: {error.details()}") from error
                 if code not in RETRYABLE:
                     raise
                 if time.monotonic() >= give_up_at:
@@ -125,7 +127,7 @@ class ClientDaemon:
         while True:
             task = self.link.call("PollTask", lambda: self.link.stub.PollTask(
                 pb.PollTaskRequest(client_id=self.client_id, session_token=self.token),
-                timeout=POLL_DEADLINE_S, metadata=self._metadata()), on_unauthenticated=self.register)
+                timeout=POLL_DEADLINE_S, metadata=self._metadata()), on_lost_session=self.register)
             kind = pb.Task.Kind.Name(task.kind)
             if kind == "DONE":
                 log.info("coordinator says DONE: %s", task.message)
@@ -152,7 +154,7 @@ class ClientDaemon:
             return receive_blob(chunks, first.total_size, first.sha256)
 
         params = decode_params(self.link.call(f"DownloadProjector v{version}", attempt,
-                                              on_unauthenticated=self.register))
+                                              on_lost_session=self.register))
         self._global = (version, params)
         return params
 
@@ -179,7 +181,7 @@ class ClientDaemon:
 
         ack = self.link.call(f"UploadUpdate round {task.round}",
                              lambda: self.link.stub.UploadUpdate(messages(), metadata=self._metadata()),
-                             on_unauthenticated=self.register)
+                             on_lost_session=self.register)
         if ack.accepted:
             log.info("round %d: upload %s (%d bytes)", task.round, "already there" if ack.duplicate else "accepted",
                      len(blob))
@@ -193,7 +195,7 @@ class ClientDaemon:
                                      global_version=task.global_version, num_samples=self.session.num_val_samples,
                                      metrics=metrics)
         ack = self.link.call("ReportEvaluation", lambda: self.link.stub.ReportEvaluation(
-            report, metadata=self._metadata()), on_unauthenticated=self.register)
+            report, metadata=self._metadata()), on_lost_session=self.register)
         if not ack.accepted:
             log.warning("evaluation refused: %s", ack.reason)
 

@@ -10,13 +10,16 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import torch
 from grpc_health.v1 import health_pb2
 
 from fedcmp.common.constants import DEFAULT_PORT, EXIT_OK, EXIT_USAGE
 from fedcmp.common.logs import setup_logging
 from fedcmp.common.recipe import Recipe, RecipeError, load_recipe
+from fedcmp.common.security import SecurityConfigError
 from fedcmp.server.rounds import Coordinator
+from fedcmp.server.security import load_tokens, server_credentials
 from fedcmp.server.service import SERVICE_NAME, build_server
 from fedcmp.server.store import RunStore, StateError
 from fedcmp.server.strategies import available_strategies, build_strategy
@@ -40,6 +43,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue the run held in --state-dir")
     parser.add_argument("--linger", type=float, default=30.0,
                         help="after DONE, keep serving up to this many seconds until every client has been told")
+    parser.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate chain (PEM)")
+    parser.add_argument("--tls-key", type=Path, help="private key of --tls-cert (PEM)")
+    parser.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
+    parser.add_argument("--auth-tokens", type=Path, help="file of 'CLIENT_ID TOKEN' lines; calls need a bearer token")
     parser.add_argument("--port-file", type=Path, help="write the bound port here once serving (for scripts)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
@@ -78,13 +85,24 @@ def open_run(args: argparse.Namespace) -> Coordinator:
     return Coordinator(recipe, store, strategy, record)
 
 
-async def serve(args: argparse.Namespace, coordinator: Coordinator) -> int:
-    server, port = build_server(coordinator, f"{args.host}:{args.port}", credentials=None)
+def security(args: argparse.Namespace) -> tuple[grpc.ServerCredentials | None, dict[str, str] | None]:
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise SecurityConfigError("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        raise SecurityConfigError("--tls-client-ca needs --tls-cert and --tls-key")
+    credentials = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None
+    return credentials, load_tokens(args.auth_tokens) if args.auth_tokens else None
+
+
+async def serve(args: argparse.Namespace, coordinator: Coordinator, credentials: grpc.ServerCredentials | None,
+                tokens: dict[str, str] | None) -> int:
+    server, port = build_server(coordinator, f"{args.host}:{args.port}", credentials, tokens)
     await server.start()
     await server.health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     await server.health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-    log.info("coordinator listening on %s:%d (strategy %s, %d rounds, state %s)", args.host, port,
-             coordinator.strategy.name, coordinator.recipe.rounds, args.state_dir)
+    log.info("coordinator listening on %s:%d (%s%s; strategy %s, %d rounds, state %s)", args.host, port,
+             "mutual TLS" if args.tls_client_ca else "TLS" if credentials else "plaintext",
+             ", bearer tokens" if tokens else "", coordinator.strategy.name, coordinator.recipe.rounds, args.state_dir)
     if args.port_file:
         args.port_file.write_text(str(port))
     stop = asyncio.Event()
@@ -114,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.verbose)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     try:
+        credentials, tokens = security(args)
         coordinator = open_run(args)
     except (RecipeError, StateError, ValueError) as error:
         print(f"fedcmp-server: {error}", file=sys.stderr)
@@ -124,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         runner = uvloop.run
     except ImportError:  # uvloop is not available on Windows
         runner = asyncio.run
-    return runner(serve(args, coordinator))
+    return runner(serve(args, coordinator, credentials, tokens))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from fedcmp.common.constants import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from fedcmp.common.wire import coordinator_pb2 as pb
 from fedcmp.common.wire import coordinator_pb2_grpc as pb_grpc
 from fedcmp.server.rounds import ClientRecord, Coordinator, SessionError, TaskSpec
+from fedcmp.server.security import BearerTokenInterceptor, bearer_token, token_owner
 
 log = logging.getLogger("fedcmp.server")
 
@@ -25,14 +26,16 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
-    def __init__(self, coordinator: Coordinator) -> None:
+    def __init__(self, coordinator: Coordinator, tokens: dict[str, str] | None = None) -> None:
         self.coordinator = coordinator
+        self.tokens = tokens  # bearer token -> client id, when --auth-tokens is on
 
     async def _session(self, client_id: str, token: str, context: grpc.aio.ServicerContext) -> ClientRecord:
         try:
             return self.coordinator.authenticate(client_id, token)
         except SessionError as error:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(error))
+            # Not UNAUTHENTICATED (that means bad credentials): the client's cure is to register again.
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(error))
             raise  # abort raises; this keeps type checkers informed
 
     async def GetRecipe(self, request: pb.RecipeRequest, context: grpc.aio.ServicerContext) -> pb.RecipeReply:
@@ -42,6 +45,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if request.protocol_version != PROTOCOL_VERSION:
             return pb.RegisterReply(accepted=False, reason=f"protocol version {request.protocol_version} is not "
                                                            f"supported; the coordinator speaks {PROTOCOL_VERSION}")
+        if self.tokens is not None:
+            owner = token_owner(self.tokens, bearer_token(context.invocation_metadata()))
+            if owner != request.client_id:
+                await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                    f"this bearer token does not belong to client {request.client_id!r}")
         shapes = {spec.name: tuple(spec.shape) for spec in request.projector}
         verdict = self.coordinator.register(request.client_id, shapes, request.num_samples, request.num_eval_samples)
         if not verdict.accepted:
@@ -137,13 +145,18 @@ def status_message(coordinator: Coordinator) -> pb.Status:
     )
 
 
-def build_server(coordinator: Coordinator, bind: str, credentials: grpc.ServerCredentials | None,
-                 interceptors: tuple[grpc.aio.ServerInterceptor, ...] = ()) -> tuple[grpc.aio.Server, int]:
-    """A grpc.aio server with the Coordinator, health and reflection services, bound to `bind`."""
+def build_server(coordinator: Coordinator, bind: str, credentials: grpc.ServerCredentials | None = None,
+                 tokens: dict[str, str] | None = None) -> tuple[grpc.aio.Server, int]:
+    """A grpc.aio server with the Coordinator, health and reflection services, bound to `bind`.
+
+    With `credentials` it serves TLS (mutual TLS when they require client certificates); with
+    `tokens` every non-status Coordinator call needs a known bearer token.
+    """
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+    interceptors = (BearerTokenInterceptor(tokens),) if tokens is not None else ()
     server = grpc.aio.server(options=options, interceptors=interceptors)
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator), server)
+    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator, tokens), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -4,12 +4,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from fedcmp.common.constants import EXIT_OK, EXIT_UNAVAILABLE
+from fedcmp.common.constants import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+from fedcmp.common.security import SecurityConfigError, channel_credentials
 from fedcmp.common.wire import coordinator_pb2 as pb
 from fedcmp.common.wire import coordinator_pb2_grpc as pb_grpc
 
@@ -45,10 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server", required=True, help="coordinator address HOST:PORT")
     parser.add_argument("--watch", action="store_true", help="print every change until the run is DONE")
     parser.add_argument("--json", action="store_true", help="JSON (one object per line with --watch)")
+    parser.add_argument("--tls-ca", type=Path, help="CA of the coordinator's certificate (TLS)")
+    parser.add_argument("--tls-cert", type=Path, help="client certificate, when the coordinator requires mTLS")
+    parser.add_argument("--tls-key", type=Path)
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the coordinator")
     args = parser.parse_args(argv)
     show = (lambda s: json.dumps(status_dict(s))) if args.json else render
-    with grpc.insecure_channel(args.server) as channel:
+    try:
+        credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None
+    except SecurityConfigError as error:
+        print(f"fedcmp-status: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    channel = grpc.secure_channel(args.server, credentials) if credentials else grpc.insecure_channel(args.server)
+    with channel:
         stub = pb_grpc.CoordinatorStub(channel)
         try:
             if args.watch:

@@ -45,7 +45,8 @@ class Federation:
     test: EncodedSplit | None
 
     @classmethod
-    def open(cls, root: Path, recipe: Recipe, cache_dir: Path | None = None, device: str = "cpu") -> Federation:
+    def open(cls, root: Path, recipe: Recipe, cache_dir: Path | None = None, device: str = "cpu",
+             load_test: bool = True) -> Federation:
         """Clients are `root/client_*` folders (client id = folder name); `root/test` is the test split."""
         folders = sorted(path for path in Path(root).iterdir() if path.is_dir() and path.name.startswith("client_"))
         if not folders:
@@ -55,7 +56,7 @@ class Federation:
                     for folder in folders}
         test_folder = Path(root) / "test"
         test = (encode_examples(model, load_llava_json(test_folder), recipe.batch_size)
-                if test_folder.exists() else None)
+                if load_test and test_folder.exists() else None)
         return cls(model, sessions, test)
 
     def with_recipe(self, recipe: Recipe) -> Federation:

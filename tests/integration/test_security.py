@@ -1,0 +1,61 @@
+"""Mutual TLS and bearer tokens on a real coordinator: the right client trains, the wrong ones are refused."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from fedcmp.common.constants import EXIT_REFUSED
+
+TOKEN = "t0k3n-for-client-0-" + "x" * 16
+
+
+def openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by the CA."""
+    root = tmp_path_factory.mktemp("pki")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+            "-subj", "/CN=fedcmp test CA", cwd=root)
+    for name, extension in (("server", "subjectAltName=IP:127.0.0.1"), ("client", "extendedKeyUsage=clientAuth")):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+                "-subj", f"/CN={name}", cwd=root)
+        (root / f"{name}.ext").write_text(extension + "\n")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext", cwd=root)
+    (root / "tokens").write_text(f"client_0 {TOKEN}\n")
+    (root / "good.token").write_text(TOKEN)
+    (root / "bad.token").write_text("not-the-token-" + "y" * 16)
+    return root
+
+
+def test_mutual_tls_with_tokens(processes, two_client_data: Path, tmp_path: Path, pki: Path) -> None:
+    state = tmp_path / "state"
+    server, address = processes.server(
+        state, "--rounds", "1", "--min-clients", "1", "--local-steps", "2", "--tls-cert", str(pki / "server.pem"),
+        "--tls-key", str(pki / "server.key"), "--tls-client-ca", str(pki / "ca.pem"), "--auth-tokens",
+        str(pki / "tokens"), "--linger", "5")
+    tls = ["--tls-ca", str(pki / "ca.pem"), "--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key")]
+    data = two_client_data / "client_0"
+    impostor = processes.client("impostor", address, data, *tls, "--token-file", str(pki / "bad.token"))
+    assert processes.wait(impostor, timeout=120) == EXIT_REFUSED
+    assert "bearer token" in impostor.log_path.read_text()
+    # Right token, but registering under another site's name.
+    thief = processes.client("thief", address, data, *tls, "--token-file", str(pki / "good.token"),
+                             "--client-id", "client_9")
+    assert processes.wait(thief, timeout=120) == EXIT_REFUSED
+    assert "does not belong to client 'client_9'" in thief.log_path.read_text()
+    # No client certificate: the TLS handshake itself fails, the client gives up after its budget.
+    anonymous = processes.client("anonymous", address, data, "--tls-ca", str(pki / "ca.pem"), "--token-file",
+                                 str(pki / "good.token"), "--reconnect-budget", "3")
+    assert processes.wait(anonymous, timeout=120) == 4
+
+    honest = processes.client("honest", address, data, *tls, "--token-file", str(pki / "good.token"))
+    assert processes.wait(honest) == 0, honest.log_path.read_text()[-2000:]
+    assert processes.wait(server) == 0
+    assert json.loads((state / "run.json").read_text())["done"]
