@@ -32,10 +32,13 @@ class Processes:
         return process
 
     def server(self, state_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
+        """A coordinator on a free port (a later `--port N` in `flags` pins it), once it listens."""
         port_file = state_dir.parent / f"{state_dir.name}.port"
         port_file.unlink(missing_ok=True)
-        process = self._spawn("server", [str(BIN / "fedcmp-server"), "--host", "127.0.0.1", "--port", "0",
-                                         "--port-file", str(port_file), "--state-dir", str(state_dir), *flags])
+        name = "server" if not any(p.log_path.name.startswith("server") for p in self.started) else \
+            f"server-{len(self.started)}"
+        process = self._spawn(name, [str(BIN / "fedcmp-server"), "--host", "127.0.0.1", "--port", "0",
+                                     "--port-file", str(port_file), "--state-dir", str(state_dir), *flags])
         deadline = time.monotonic() + 60
         while not (port_file.exists() and port_file.read_text().strip()):
             assert process.poll() is None, f"server died: {process.log_path.read_text()}"  # type: ignore[attr-defined]
