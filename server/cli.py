@@ -18,6 +18,7 @@ from fedcmp.common.constants import DEFAULT_PORT, EXIT_OK, EXIT_USAGE
 from fedcmp.common.logs import setup_logging
 from fedcmp.common.recipe import Recipe, RecipeError, load_recipe
 from fedcmp.common.security import SecurityConfigError
+from fedcmp.server.metrics import CoordinatorMetrics
 from fedcmp.server.rounds import Coordinator
 from fedcmp.server.security import load_tokens, server_credentials
 from fedcmp.server.service import SERVICE_NAME, build_server
@@ -47,6 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tls-key", type=Path, help="private key of --tls-cert (PEM)")
     parser.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
     parser.add_argument("--auth-tokens", type=Path, help="file of 'CLIENT_ID TOKEN' lines; calls need a bearer token")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (/metrics)")
     parser.add_argument("--port-file", type=Path, help="write the bound port here once serving (for scripts)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
@@ -82,7 +84,12 @@ def open_run(args: argparse.Namespace) -> Coordinator:
         log.info("resuming %s at round %d of %d", args.state_dir, record.committed_round + 1, recipe.rounds)
     else:
         record = store.create(recipe.to_json(), recipe.strategy)
-    return Coordinator(recipe, store, strategy, record)
+    metrics = None
+    if args.metrics_port is not None:
+        metrics = CoordinatorMetrics()
+        metrics.serve(args.metrics_port, args.host)
+        log.info("Prometheus metrics on http://%s:%d/metrics", args.host, args.metrics_port)
+    return Coordinator(recipe, store, strategy, record, metrics)
 
 
 def security(args: argparse.Namespace) -> tuple[grpc.ServerCredentials | None, dict[str, str] | None]:

@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field, replace
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -28,6 +28,9 @@ from fedcmp.common.projector import describe_shapes, init_projector_params, proj
 from fedcmp.common.recipe import Recipe
 from fedcmp.server.store import CLIENT_ID_PATTERN, RunRecord, RunStore, SpilledUpdates
 from fedcmp.server.strategies import Strategy
+
+if TYPE_CHECKING:
+    from fedcmp.server.metrics import CoordinatorMetrics
 
 log = logging.getLogger("fedcmp.server")
 
@@ -80,8 +83,10 @@ class Verdict:
 class Coordinator:
     """Owns one run: its recipe, strategy, registered clients and the durable store."""
 
-    def __init__(self, recipe: Recipe, store: RunStore, strategy: Strategy, record: RunRecord) -> None:
+    def __init__(self, recipe: Recipe, store: RunStore, strategy: Strategy, record: RunRecord,
+                 metrics: CoordinatorMetrics | None = None) -> None:
         self.recipe = recipe
+        self.metrics = metrics
         self.store = store
         self.strategy = strategy
         # A finished run resumed with more rounds than it committed goes on training.
@@ -101,6 +106,8 @@ class Coordinator:
 
     # ---- notifications --------------------------------------------------------------------
     def _notify(self) -> None:
+        if self.metrics is not None:
+            self.metrics.set_phase(self.phase, self.round, len(self.clients))
         self._changed.set()
         self._changed = asyncio.Event()
 
@@ -283,6 +290,8 @@ class Coordinator:
         self.record = await asyncio.to_thread(self.store.commit_round, self.record, round_index, new_global,
                                               self.strategy.state_dict(), metrics)
         self._global_cache = None
+        if self.metrics is not None:
+            self.metrics.round_committed(metrics)
         for client in self.clients.values():
             client.state = "idle"
         log.info("round %d committed: %s", round_index, _summary(metrics))

@@ -82,6 +82,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         client = await self._session(header.client_id, header.session_token, context)
         verdict = self.coordinator.check_upload(client, header.round, header.global_version)
         if verdict is not None:
+            self._count_upload("duplicate" if verdict.duplicate else "refused")
             return pb.UploadAck(accepted=verdict.accepted, reason=verdict.reason, duplicate=verdict.duplicate)
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -95,9 +96,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                                       dict(header.metrics), header.size, header.sha256, chunks())
         except BlobIntegrityError as error:
             log.warning("rejected upload of %s for round %d: %s", client.client_id, header.round, error)
+            self._count_upload("corrupt")
             return pb.UploadAck(accepted=False, reason=f"upload rejected: {error}")
         self.coordinator.upload_accepted(client, header.round)
+        self._count_upload("accepted", header.size)
         return pb.UploadAck(accepted=True)
+
+    def _count_upload(self, outcome: str, size: int = 0) -> None:
+        if self.coordinator.metrics is not None:
+            self.coordinator.metrics.uploads.labels(outcome=outcome).inc()
+            self.coordinator.metrics.upload_bytes.inc(size)
 
     async def ReportEvaluation(self, request: pb.EvaluationReport,
                                context: grpc.aio.ServicerContext) -> pb.EvaluationAck:

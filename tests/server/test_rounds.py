@@ -138,3 +138,22 @@ def test_uploads_outside_the_open_round_are_refused(tmp_path) -> None:
     client = coordinator.authenticate("a", verdict.token)
     refusal = coordinator.check_upload(client, 1, 0)
     assert refusal is not None and not refusal.accepted and "not open" in refusal.reason
+
+
+def test_prometheus_metrics_follow_the_run(tmp_path) -> None:
+    from prometheus_client import generate_latest
+
+    from fedcmp.server.metrics import CoordinatorMetrics
+
+    async def scenario() -> CoordinatorMetrics:
+        coordinator = make_coordinator(tmp_path, rounds=1)
+        coordinator.metrics = CoordinatorMetrics()
+        run = asyncio.create_task(coordinator.run())
+        await asyncio.gather(act_as_client(coordinator, "a", 1.0, 10), act_as_client(coordinator, "b", 2.0, 10))
+        await run
+        return coordinator.metrics
+
+    text = generate_latest(asyncio.run(scenario()).registry).decode()
+    assert 'fedcmp_phase{phase="DONE"} 1.0' in text and 'fedcmp_phase{phase="TRAINING"} 0.0' in text
+    assert "fedcmp_round 1.0" in text and "fedcmp_registered_clients 2.0" in text
+    assert "fedcmp_aggregation_seconds_count 1.0" in text and "fedcmp_train_loss 1.5" in text
