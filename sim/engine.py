@@ -106,8 +106,9 @@ class Simulator:
                 params, metrics = session.train_round(current, round_index - 1,
                                                       recipe.local_steps_for(session.num_train_samples))
                 updates.append(ClientUpdate(client_id, int(metrics["samples"]), params, {**metrics, **before}))
+            conflict = update_cosine(current, updates)
             current = strategy.aggregate(current, updates)
-            row = {"round": float(round_index), "participants": float(len(updates)),
+            row = {"round": float(round_index), "participants": float(len(updates)), "update_cosine": conflict,
                    "duration_s": time.monotonic() - began,
                    **weighted_means([(u.num_samples, u.metrics) for u in updates]), **self._test_metrics(current)}
             result.rounds.append(row)
@@ -188,6 +189,18 @@ def concat_splits(splits: Sequence[EncodedSplit]) -> EncodedSplit:
     return EncodedSplit([e for s in splits for e in s.examples], torch.cat([s.features for s in splits]),
                         torch.cat([padded(s.caption_ids) for s in splits]),
                         torch.cat([padded(s.caption_mask) for s in splits]))
+
+
+def update_cosine(global_params: dict[str, Tensor], updates: Sequence[ClientUpdate]) -> float:
+    """Mean pairwise cosine between the clients' updates D_k (all tensors flattened): how much they conflict."""
+    deltas = torch.stack([torch.cat([(u.params[key] - global_params[key]).flatten() for key in sorted(global_params)])
+                          for u in updates])  # [K, P]
+    if len(updates) < 2:
+        return math.nan
+    unit = torch.nn.functional.normalize(deltas, dim=1)
+    cosines = unit @ unit.T  # [K, K]
+    off_diagonal = cosines[~torch.eye(len(updates), dtype=torch.bool)]
+    return float(off_diagonal.mean())
 
 
 def rounds_to_reach(rows: Sequence[dict[str, float]], target: float, key: str = "test_nll") -> float:

@@ -33,7 +33,7 @@ def test_two_clients_two_rounds_lower_the_held_out_loss(processes, two_client_da
     assert record["done"] and record["committed_round"] == 2 and record["strategy"] == strategy
     before = record["history"][0]["val_loss"]  # held-out loss of the initial global, measured by the clients
     after = record["final_metrics"]["val_loss"]  # held-out loss of the final global
-    assert after < before - 0.05, (before, after)
+    assert after < before - 0.02, (before, after)
     assert [row["participants"] for row in record["history"]] == [2, 2]
     assert (state / "global" / "v2.safetensors").exists()
     rows = [json.loads(line) for line in (state / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,343 @@
+"""Fed-CMP: Canonical Reliability-Aware Aggregation (CRA) + Orthogonality-Preserved Momentum
+(OPM), this project's formulation (/work/shared/ALGORITHM.md, docs/algorithm.md) of
+"A Step Toward Federated Pretraining of Multimodal Large Language Models" (arXiv 2603.26786).
+
+Per layer L = [W | b] in R^{m x n} (bias appended as a column), clients k = 1..K,
+p_k = n_k / sum_j n_j, D_k = W_t^k - W_t:
+
+    U_t     = top-r eigenvectors of G = sum_k p_k D_k D_k^T                        [m, r]
+              r = smallest rank holding a fraction tau of trace(G), r <= r_max
+              (tau = 1 keeps every direction the range holds)
+    C_k     = U_t^T D_k                                                             [r, n]
+    cbar_i  = sum_k p_k C_k[i] / ||C_k[i]||                  (consensus of unit rows)
+    a_ki    = cos(C_k[i], cbar_i)                            (0 for a zero row)
+    f_k     = ||C_k||_F^2 / ||D_k||_F^2                      (1 when D_k = 0)
+    w_ki    = p_k f_k^gamma exp(a_ki / T) / sum_j p_j f_j^gamma exp(a_ji / T)
+    Chat[i] = sum_k w_ki C_k[i]
+    Dhat_t  = U_t Chat + lam sum_k p_k E_k = U_t (Chat - lam Cbar) + lam Dbar
+              (E_k = D_k - U_t C_k, Cbar = sum_k p_k C_k, Dbar = sum_k p_k D_k)
+    M_t     = beta U_t U_t^T M_{t-1} + Dhat_t
+    W_{t+1} = W_t + eta_s M_t
+
+tau = 1, T = inf, gamma = 0, beta = 0 gives w = p and Dhat = Dbar: FedAvg.
+
+Computing U_t without the m x Kn matrix [sqrt(p_1) D_1, ...]: streaming passes over the
+clients in client_id order, one client in memory at a time (sums weighted by n_k, divided by
+sum_k n_k at the end); two passes when a layer is sketched, one otherwise.
+- Range. A layer with m <= 2s (s = r_max + oversample) uses the whole space, Q = I_m.
+  A taller layer gets a randomized range sketch (Halko, Martinsson & Tropp, 2011):
+  Y = G Omega = sum_k p_k D_k (D_k^T Omega), Omega ~ N(0, 1)^{m x s} seeded by (seed, round),
+  Q = qr(Y) [m, s]. Cost per client 4mns flops against 2m^2 n for the exact Gram, so the
+  sketch is used exactly where it is cheaper.
+- Rayleigh-Ritz. Z_k = Q^T D_k [s, n] (kept for all k: O(K s n)), B = sum_k p_k Z_k Z_k^T,
+  B = V diag(lambda) V^T, U = Q V_r, C_k = V_r^T Z_k. The energy fraction compares the
+  Ritz values lambda with the exact trace(G) = sum_k p_k ||D_k||_F^2.
+Every sum runs in client_id order, so the result is bit-identical for any upload order.
+
+State: `round`, `momentum/<layer>` (M_t, [m, n]; only when beta > 0) and `basis/<layer>`
+(U_t, [m, r]; the last basis, for inspection and tests). <layer> is the weight's key.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from .base import (
+    ROUND_KEY,
+    ClientUpdate,
+    first_pass,
+    float32,
+    int_hyper,
+    positive,
+    real_hyper,
+    replay,
+    round_tensor,
+    split_state,
+    total_samples,
+    unit_interval,
+)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """Parameters fused into one matrix: a weight [m, n] and its bias [m] as column n + 1.
+
+    A tensor without a partner is a layer of its own, viewed as [shape[0], -1] (a 1-D
+    tensor as m x 1, a 0-d one as 1 x 1). The layer is named by its first key.
+    """
+
+    keys: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @property
+    def name(self) -> str:
+        return self.keys[0]
+
+    @property
+    def rows(self) -> int:
+        return self.shapes[0][0] if self.shapes[0] else 1
+
+    @property
+    def widths(self) -> list[int]:
+        return [math.prod(shape) // self.rows for shape in self.shapes]
+
+    def matrix(self, params: Mapping[str, Tensor]) -> Tensor:
+        """[W | b] as float32 [m, n]."""
+        return torch.cat([float32(params[key]).reshape(self.rows, -1) for key in self.keys], dim=1)
+
+    def delta(self, params: Mapping[str, Tensor], base: Tensor, out: Tensor) -> Tensor:
+        """D = matrix(params) - base written into `out` [m, n], block by block (no concatenated copy)."""
+        start = 0
+        for key, width in zip(self.keys, self.widths):
+            block = slice(start, start + width)
+            torch.sub(float32(params[key]).reshape(self.rows, -1), base[:, block], out=out[:, block])
+            start += width
+        return out
+
+    def step(self, base: Tensor, direction: Tensor, alpha: float) -> dict[str, Tensor]:
+        """base + alpha * direction ([m, n] each) as fresh tensors keyed and shaped like the parameters."""
+        bases, directions = torch.split(base, self.widths, dim=1), torch.split(direction, self.widths, dim=1)
+        return {
+            key: torch.add(b, d, alpha=alpha).reshape(shape).contiguous()  # no copy: the sum of column slices is dense
+            for key, b, d, shape in zip(self.keys, bases, directions, self.shapes)
+        }
+
+
+def group_layers(params: Mapping[str, Tensor]) -> list[Layer]:
+    """Pair every 2-D `<x>.weight` [m, n] with a 1-D `<x>.bias` [m]; every other tensor stands alone."""
+    bias_of: dict[str, str] = {}
+    for key, tensor in params.items():
+        bias = key.removesuffix("weight") + "bias"
+        if key.endswith(".weight") and tensor.dim() == 2 and bias in params and params[bias].shape == tensor.shape[:1]:
+            bias_of[key] = bias
+    claimed = set(bias_of.values())
+    return [
+        Layer((key, bias_of[key]), (params[key].shape, params[bias_of[key]].shape))
+        if key in bias_of
+        else Layer((key,), (params[key].shape,))
+        for key in sorted(params)
+        if key not in claimed
+    ]
+
+
+def select_rank(ritz: Tensor, total: float, tau: float, r_max: int) -> int:
+    """Smallest r whose top-r Ritz values (descending) hold tau * total; all of them when tau = 1."""
+    if total <= 0.0 or len(ritz) == 0:
+        return 0
+    if tau >= 1.0:
+        return min(len(ritz), r_max)
+    energy = torch.cumsum(ritz.clamp_min(0.0).double(), dim=0)  # [s]
+    reached = torch.nonzero(energy >= tau * total)
+    rank = int(reached[0]) + 1 if len(reached) else len(ritz)
+    return min(rank, r_max)
+
+
+def reliability_weights(coef: Tensor, p: Tensor, fidelity: Tensor, temperature: float, gamma: float) -> Tensor:
+    """w_ki = p_k f_k^gamma exp(a_ki / T), normalised over clients k.
+
+    coef: C [K, r, n]; p: [K]; fidelity: f [K]. Returns w [K, r].
+    """
+    norms = torch.linalg.vector_norm(coef, dim=2)  # [K, r]
+    unit = coef / torch.where(norms > 0, norms, 1.0)[..., None]  # zero rows stay zero
+    consensus = torch.einsum("k,krn->rn", p, unit)  # cbar [r, n]
+    consensus_norm = torch.linalg.vector_norm(consensus, dim=1)  # [r]
+    agreement = torch.einsum("krn,rn->kr", unit, consensus) / torch.where(consensus_norm > 0, consensus_norm, 1.0)
+    agreement = agreement.clamp(-1.0, 1.0)  # a [K, r]; 0 where either row is zero
+    logits = agreement / temperature  # T = inf: all 0
+    scale = torch.exp(logits - logits.amax(dim=0, keepdim=True))  # [K, r], in (0, 1]
+    weights = (p * fidelity.pow(gamma))[:, None] * scale  # [K, r]
+    total = weights.sum(dim=0, keepdim=True)  # [1, r]
+    return torch.where(total > 0, weights / torch.where(total > 0, total, 1.0), p[:, None])
+
+
+class _Sketch:
+    """Pass 1, layers with m > 2s: Y = sum_k n_k D_k (D_k^T Omega) [m, s]; Q = qr(Y)."""
+
+    def __init__(
+        self,
+        layers: Sequence[Layer],
+        base: Mapping[str, Tensor],  # W_t [m, n]
+        delta: Mapping[str, Tensor],  # buffers for D_k [m, n]
+        omega: Mapping[str, Tensor],  # [m, s]
+    ) -> None:
+        self.layers, self.base, self.delta, self.omega = layers, base, delta, omega
+        self.y = {name: torch.zeros_like(o) for name, o in omega.items()}  # [m, s]
+
+    def add(self, position: int, update: ClientUpdate, count: float) -> None:
+        for layer in self.layers:
+            d = layer.delta(update.params, self.base[layer.name], out=self.delta[layer.name])  # D_k [m, n]
+            self.y[layer.name].addmm_(d, d.T @ self.omega[layer.name], alpha=count)
+
+    def ranges(self) -> dict[str, Tensor]:
+        return {name: torch.linalg.qr(y).Q for name, y in self.y.items()}  # Q [m, s]
+
+
+class _Projection:
+    """Pass 2, every layer: Z_k = Q^T D_k (Q = I when not sketched), B = sum_k n_k Z_k Z_k^T,
+    ||D_k||_F^2 and sum_k n_k D_k."""
+
+    def __init__(
+        self,
+        layers: Sequence[Layer],
+        base: Mapping[str, Tensor],  # W_t [m, n]
+        delta: Mapping[str, Tensor],  # buffers for D_k [m, n]
+        ranges: Mapping[str, Tensor],  # Q [m, s] of the sketched layers
+        clients: int,
+    ) -> None:
+        self.layers, self.base, self.delta, self.ranges = layers, base, delta, ranges
+        self.z: dict[str, Tensor] = {}  # [K, s, n]
+        self.gram: dict[str, Tensor] = {}  # [s, s]
+        self.sqnorm: dict[str, Tensor] = {}  # [K]
+        self.mean: dict[str, Tensor] = {}  # [m, n]
+        for layer in layers:
+            m, n = base[layer.name].shape
+            s = ranges[layer.name].shape[1] if layer.name in ranges else m
+            self.z[layer.name] = torch.empty(clients, s, n)
+            self.gram[layer.name] = torch.zeros(s, s)
+            self.sqnorm[layer.name] = torch.empty(clients)
+            self.mean[layer.name] = torch.zeros(m, n)
+
+    def add(self, position: int, update: ClientUpdate, count: float) -> None:
+        for layer in self.layers:
+            name = layer.name
+            d = layer.delta(update.params, self.base[name], out=self.delta[name])  # D_k [m, n]
+            z = self.z[name][position]  # [s, n]
+            if name in self.ranges:
+                torch.matmul(self.ranges[name].T, d, out=z)
+            else:
+                z.copy_(d)
+            self.gram[name].addmm_(z, z.T, alpha=count)
+            self.sqnorm[name][position] = torch.linalg.vector_norm(d).square()
+            self.mean[name].add_(d, alpha=count)
+
+
+class FedCMP:
+    name = "fedcmp"
+
+    def __init__(
+        self,
+        *,
+        tau: float = 0.95,
+        r_max: int = 64,
+        temperature: float = 1.0,
+        gamma: float = 1.0,
+        lam: float = 1.0,
+        beta: float = 0.5,
+        eta_s: float = 1.0,
+        oversample: int = 8,
+        seed: int = 0,
+    ) -> None:
+        self.tau = real_hyper("tau", tau, "in (0, 1]", lambda v: 0.0 < v <= 1.0)
+        self.r_max = int_hyper("r_max", r_max, ">= 1", lambda v: v >= 1)
+        self.temperature = real_hyper("temperature", temperature, "> 0 (inf allowed)", lambda v: v > 0.0)
+        self.gamma = real_hyper("gamma", gamma, "a finite number >= 0", lambda v: 0.0 <= v < math.inf)
+        self.lam = real_hyper("lam", lam, "a finite number >= 0", lambda v: 0.0 <= v < math.inf)
+        self.beta = real_hyper("beta", beta, "in [0, 1)", unit_interval)
+        self.eta_s = real_hyper("eta_s", eta_s, "> 0", positive)
+        self.oversample = int_hyper("oversample", oversample, ">= 0", lambda v: v >= 0)
+        self.seed = int_hyper("seed", seed, "in [0, 2^31)", lambda v: 0 <= v < 2**31)
+        self._round = 0
+        self._momentum: dict[str, Tensor] = {}  # M_{t-1} per layer, [m, n]
+        self._basis: dict[str, Tensor] = {}  # U_{t-1} per layer, [m, r]
+
+    @property
+    def sketch_size(self) -> int:
+        return self.r_max + self.oversample
+
+    def aggregate(self, global_params: dict[str, Tensor], updates: Sequence[ClientUpdate]) -> dict[str, Tensor]:
+        layers = group_layers(global_params)
+        base = {layer.name: layer.matrix(global_params) for layer in layers}  # W_t [m, n]
+        delta = {name: torch.empty_like(w) for name, w in base.items()}  # D_k [m, n], reused by both passes
+        t = self._round + 1
+        s = self.sketch_size
+        tall = [layer for layer in layers if layer.rows > 2 * s]
+        if tall:  # pass 1 sketches the tall layers, pass 2 projects every layer
+            generator = torch.Generator().manual_seed(self.seed * 2**32 + t)
+            omega = {layer.name: torch.randn(layer.rows, s, generator=generator) for layer in tall}  # [m, s]
+            order, sketch = first_pass(global_params, updates, lambda: _Sketch(tall, base, delta, omega))
+            ranges = sketch.ranges()
+            proj = _Projection(layers, base, delta, ranges, len(order))
+            replay(updates, order, proj)
+        else:  # Q = I everywhere: one pass
+            ranges = {}
+            order, proj = first_pass(global_params, updates, lambda: _Projection(layers, base, delta, {}, len(updates)))
+        p = torch.tensor([part.weight for part in order], dtype=torch.float32)  # [K]
+        total_n = total_samples(order)
+
+        new_params: dict[str, Tensor] = {}
+        momentum: dict[str, Tensor] = {}
+        basis: dict[str, Tensor] = {}
+        for layer in layers:
+            name = layer.name
+            gram = proj.gram[name].double() / total_n  # B [s, s]; float64 is free at this size
+            ritz, vectors = torch.linalg.eigh(gram)  # ascending
+            ritz, vectors = ritz.flip(0), vectors.flip(1).float()
+            energy = float((p.double() * proj.sqnorm[name].double()).sum())  # trace(G)
+            v = vectors[:, : select_rank(ritz, energy, self.tau, self.r_max)]  # V_r [s, r]
+            u = v.contiguous() if name not in ranges else ranges[name] @ v  # U_t [m, r]
+            coef = torch.matmul(v.T, proj.z[name])  # C [K, r, n]
+            mean = proj.mean[name].div_(total_n)  # Dbar [m, n]
+            step = self._fuse(u, coef, p, proj.sqnorm[name], mean)  # Dhat_t [m, n]
+            previous = self._momentum.get(name)
+            if self.beta > 0 and previous is not None:
+                if previous.shape != step.shape:
+                    shapes = f"{tuple(previous.shape)}, expected {tuple(step.shape)}"
+                    raise ValueError(f"momentum of {name} has shape {shapes}")
+                step.addmm_(u, u.T @ previous, alpha=self.beta)  # M_t = beta U U^T M_{t-1} + Dhat_t
+            if self.beta > 0:
+                momentum[name] = step
+            basis[name] = u
+            new_params |= layer.step(base[name], step, self.eta_s)  # W_t + eta_s M_t
+        self._round, self._momentum, self._basis = t, momentum, basis
+        return new_params
+
+    def _fuse(self, u: Tensor, coef: Tensor, p: Tensor, sqnorm: Tensor, mean: Tensor) -> Tensor:
+        """Dhat = U (Chat - lam Cbar) + lam Dbar, [m, n]; overwrites `mean` (Dbar)."""
+        coef_sq = coef.square().sum(dim=(1, 2))  # ||U C_k||_F^2 = ||C_k||_F^2, [K]
+        has_delta = sqnorm > 0
+        fidelity = torch.where(has_delta, coef_sq / torch.where(has_delta, sqnorm, 1.0), 1.0).clamp(0.0, 1.0)
+        weights = reliability_weights(coef, p, fidelity, self.temperature, self.gamma)  # [K, r]
+        fused = torch.einsum("kr,krn->rn", weights, coef)  # Chat [r, n]
+        mean_coef = torch.einsum("k,krn->rn", p, coef)  # Cbar [r, n]
+        return mean.addmm_(u, fused - self.lam * mean_coef, beta=self.lam)
+
+    def state_dict(self) -> dict[str, Tensor]:
+        state = {ROUND_KEY: round_tensor(self._round)}
+        state |= {f"momentum/{name}": m for name, m in self._momentum.items()}
+        state |= {f"basis/{name}": u for name, u in self._basis.items()}
+        return state
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        self._round, groups = split_state(state, ["momentum", "basis"], self.name)
+        self._momentum, self._basis = groups["momentum"], groups["basis"]
+
+
+class _Ablation(FedCMP):
+    """Fed-CMP with some hyper-parameters fixed; passing one of them is an error."""
+
+    pinned: ClassVar[dict[str, float]]
+
+    def __init__(self, **hyper: float) -> None:
+        clash = sorted(hyper.keys() & self.pinned.keys())
+        if clash:
+            raise ValueError(f"{self.name} fixes {clash} ({self.pinned}); do not pass them")
+        super().__init__(**hyper, **self.pinned)  # type: ignore[arg-type]
+
+
+class FedCMPNoReliability(_Ablation):
+    """Ablation: plain sample weights in the canonical space, w_ki = p_k (T = inf, gamma = 0)."""
+
+    name = "fedcmp-no-reliability"
+    pinned = {"temperature": math.inf, "gamma": 0.0}
+
+
+class FedCMPNoMomentum(_Ablation):
+    """Ablation: no OPM, M_t = Dhat_t (beta = 0)."""
+
+    name = "fedcmp-no-momentum"
+    pinned = {"beta": 0.0}

@@ -1,0 +1,509 @@
+"""Aggregation strategies: hand-computed baselines, Fed-CMP's properties (ALGORITHM.md),
+durability through safetensors, the registry and streaming over lazy update sequences."""
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Sequence
+
+import pytest
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from fedcmp.server.strategies import ClientUpdate, Strategy, available_strategies, build_strategy
+from fedcmp.server.strategies.fedcmp import group_layers, select_rank
+
+Params = dict[str, torch.Tensor]
+
+MLP = {"linear_1.weight": (6, 5), "linear_1.bias": (6,), "linear_2.weight": (6, 6), "linear_2.bias": (6,)}
+# m = 40 > 2 (r_max + oversample) = 12: Fed-CMP takes the randomized range-sketch path.
+TALL = {"linear_1.weight": (40, 12), "linear_1.bias": (40,)}
+SKETCH = {"r_max": 4, "oversample": 2}
+FEDAVG_SETTING = {"tau": 1.0, "temperature": math.inf, "gamma": 0.0, "beta": 0.0}
+
+
+def random_params(shapes: dict[str, tuple[int, ...]], gen: torch.Generator, scale: float = 1.0) -> Params:
+    return {key: scale * torch.randn(shape, generator=gen) for key, shape in shapes.items()}
+
+
+def low_rank(shape: tuple[int, ...], rank: int, gen: torch.Generator) -> torch.Tensor:
+    if len(shape) < 2:
+        return torch.randn(shape, generator=gen)
+    return torch.randn(shape[0], rank, generator=gen) @ torch.randn(rank, shape[1], generator=gen) / rank**0.5
+
+
+def random_deltas(shapes: dict[str, tuple[int, ...]], clients: int, gen: torch.Generator) -> list[Params]:
+    """Client updates D_k: a shared rank-2 drift + a client-specific rank-1 part + noise."""
+    shared = {key: 0.5 * low_rank(shape, 2, gen) for key, shape in shapes.items()}
+    return [
+        {
+            key: shared[key] + 0.2 * low_rank(shape, 1, gen) + 0.05 * torch.randn(shape, generator=gen)
+            for key, shape in shapes.items()
+        }
+        for _ in range(clients)
+    ]
+
+
+def make_updates(global_params: Params, deltas: Sequence[Params], samples: Sequence[int]) -> list[ClientUpdate]:
+    return [
+        ClientUpdate(f"client-{k}", n, {key: global_params[key] + d[key] for key in d}, {"loss": 1.0})
+        for k, (d, n) in enumerate(zip(deltas, samples))
+    ]
+
+
+def random_round(shapes: dict[str, tuple[int, ...]], clients: int, seed: int) -> tuple[Params, list[ClientUpdate]]:
+    gen = torch.Generator().manual_seed(seed)
+    global_params = random_params(shapes, gen)
+    samples = torch.randint(1, 50, (clients,), generator=gen).tolist()
+    return global_params, make_updates(global_params, random_deltas(shapes, clients, gen), samples)
+
+
+def max_abs_diff(a: Params, b: Params) -> float:
+    return max(float((a[key] - b[key]).abs().max()) for key in a)
+
+
+def flat(params: Params) -> torch.Tensor:
+    return torch.cat([params[key].flatten() for key in sorted(params)])
+
+
+# --- FedAvg / FedProx ----------------------------------------------------------------------
+
+
+def test_fedavg_matches_hand_computation() -> None:
+    def projector(weight: list[float], bias: float) -> Params:
+        return {"linear_1.weight": torch.tensor([weight]), "linear_1.bias": torch.tensor([bias])}
+
+    global_params = projector([0.0, 1.0], 2.0)
+    updates = [
+        ClientUpdate("a", 1, projector([1.0, 3.0], 2.0), {}),
+        ClientUpdate("b", 3, projector([5.0, -1.0], 6.0), {}),
+    ]
+    # p = (1/4, 3/4): weight 0.25*[1, 3] + 0.75*[5, -1] = [4, 0]; bias 0.25*2 + 0.75*6 = 5
+    result = build_strategy("fedavg").aggregate(global_params, updates)
+    torch.testing.assert_close(result["linear_1.weight"], torch.tensor([[4.0, 0.0]]))
+    torch.testing.assert_close(result["linear_1.bias"], torch.tensor([5.0]))
+
+
+def test_fedprox_server_side_is_fedavg() -> None:
+    global_params, updates = random_round(MLP, 4, seed=1)
+    fedprox = build_strategy("fedprox")
+    assert fedprox.name == "fedprox"
+    result = fedprox.aggregate(global_params, updates)
+    expected = build_strategy("fedavg").aggregate(global_params, updates)
+    assert all(torch.equal(result[key], expected[key]) for key in expected)
+
+
+# --- FedAvgM and FedOpt: two rounds by hand ----------------------------------------------
+
+W0 = [1.0, -2.0]
+# Round 1: client a (n=1) moves by [0.2, -0.4], client b (n=3) by [0.6, 0.0]:
+#   Delta_1 = 0.25*[0.2, -0.4] + 0.75*[0.6, 0.0] = [0.5, -0.1]
+# Round 2: both clients move by [-0.1, 0.3]: Delta_2 = [-0.1, 0.3]
+D1 = [0.5, -0.1]
+D2 = [-0.1, 0.3]
+
+
+def two_rounds(name: str, params: dict[str, float] | None = None) -> tuple[list[float], list[float]]:
+    strategy = build_strategy(name, params)
+    w = {"linear_1.weight": torch.tensor([W0])}
+    results = []
+    for moves in ([[0.2, -0.4], [0.6, 0.0]], [[-0.1, 0.3], [-0.1, 0.3]]):
+        updates = [
+            ClientUpdate(cid, n, {"linear_1.weight": w["linear_1.weight"] + torch.tensor([move])}, {})
+            for cid, n, move in zip(("a", "b"), (1, 3), moves)
+        ]
+        w = strategy.aggregate(w, updates)
+        results.append(w["linear_1.weight"][0].tolist())
+    return results[0], results[1]
+
+
+def test_fedavgm_two_rounds() -> None:
+    # eta = 1, beta = 0.9; g_t = -Delta_t; v_1 = g_1; v_2 = 0.9 v_1 + g_2; w <- w - eta v
+    w1, w2 = two_rounds("fedavgm")
+    v1 = [-d for d in D1]
+    expected_w1 = [w - v for w, v in zip(W0, v1)]  # [1.5, -2.1]
+    v2 = [0.9 * v - d for v, d in zip(v1, D2)]
+    expected_w2 = [w - v for w, v in zip(expected_w1, v2)]  # [1.85, -1.89]
+    assert w1 == pytest.approx(expected_w1, abs=1e-6)
+    assert w2 == pytest.approx(expected_w2, abs=1e-6)
+    assert expected_w2 == pytest.approx([1.85, -1.89])
+
+
+def test_fedadam_two_rounds_with_bias_correction() -> None:
+    eta, b1, b2, tau = 0.1, 0.9, 0.99, 1e-9
+    w1, w2 = two_rounds("fedadam")
+    m1 = [(1 - b1) * d for d in D1]
+    v1 = [(1 - b2) * d * d for d in D1]
+    eta_1 = eta * math.sqrt(1 - b2) / (1 - b1)  # = 0.1
+    expected_w1 = [w + eta_1 * m / (math.sqrt(v) + tau) for w, m, v in zip(W0, m1, v1)]  # ~ w0 + 0.1 sign(D1)
+    m2 = [b1 * m + (1 - b1) * d for m, d in zip(m1, D2)]
+    v2 = [b2 * v + (1 - b2) * d * d for v, d in zip(v1, D2)]
+    eta_2 = eta * math.sqrt(1 - b2**2) / (1 - b1**2)
+    expected_w2 = [w + eta_2 * m / (math.sqrt(v) + tau) for w, m, v in zip(expected_w1, m2, v2)]
+    assert expected_w1 == pytest.approx([1.1, -2.1])
+    assert w1 == pytest.approx(expected_w1, abs=1e-6)
+    assert w2 == pytest.approx(expected_w2, abs=1e-6)
+
+
+def test_fedyogi_two_rounds() -> None:
+    eta, b1, b2, tau = 0.01, 0.9, 0.99, 1e-3
+    w1, w2 = two_rounds("fedyogi")
+
+    def sign(x: float) -> float:
+        return float(x > 0) - float(x < 0)
+
+    m1 = [(1 - b1) * d for d in D1]
+    v1 = [0.0 - (1 - b2) * d * d * sign(0.0 - d * d) for d in D1]  # = 0.01 d^2
+    expected_w1 = [w + eta * m / (math.sqrt(v) + tau) for w, m, v in zip(W0, m1, v1)]
+    m2 = [b1 * m + (1 - b1) * d for m, d in zip(m1, D2)]
+    v2 = [v - (1 - b2) * d * d * sign(v - d * d) for v, d in zip(v1, D2)]
+    expected_w2 = [w + eta * m / (math.sqrt(v) + tau) for w, m, v in zip(expected_w1, m2, v2)]
+    assert w1 == pytest.approx(expected_w1, abs=1e-6)
+    assert w2 == pytest.approx(expected_w2, abs=1e-6)
+
+
+def test_fedadagrad_two_rounds() -> None:
+    eta, tau = 0.1, 1e-9  # beta_1 = 0: m_t = Delta_t
+    w1, w2 = two_rounds("fedadagrad")
+    v1 = [d * d for d in D1]
+    expected_w1 = [w + eta * d / (math.sqrt(v) + tau) for w, d, v in zip(W0, D1, v1)]
+    v2 = [v + d * d for v, d in zip(v1, D2)]
+    expected_w2 = [w + eta * d / (math.sqrt(v) + tau) for w, d, v in zip(expected_w1, D2, v2)]
+    assert w1 == pytest.approx(expected_w1, abs=1e-6)
+    assert w2 == pytest.approx(expected_w2, abs=1e-6)
+    assert w2[0] == pytest.approx(1.1 - 0.1 * 0.1 / math.sqrt(0.26), abs=1e-6)
+
+
+def test_fedadagrad_with_momentum() -> None:
+    w1, w2 = two_rounds("fedadagrad", {"beta_1": 0.5})
+    m1 = [0.5 * d for d in D1]
+    expected_w1 = [w + 0.1 * m / (abs(d) + 1e-9) for w, m, d in zip(W0, m1, D1)]
+    m2 = [0.5 * m + 0.5 * d for m, d in zip(m1, D2)]
+    expected_w2 = [w + 0.1 * m / math.sqrt(a * a + b * b) for w, m, a, b in zip(expected_w1, m2, D1, D2)]
+    assert w1 == pytest.approx(expected_w1, abs=1e-6)
+    assert w2 == pytest.approx(expected_w2, abs=1e-6)
+
+
+# --- Fed-CMP properties (ALGORITHM.md) ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shapes", "extra"),
+    [(MLP, {"lam": 1.0}), (MLP, {"lam": 0.0}), (MLP, {"lam": 0.3}), (TALL, SKETCH)],
+    ids=["mlp-lam1", "mlp-lam0", "mlp-lam0.3", "sketch-lam1"],
+)
+def test_fedcmp_fedavg_setting_reproduces_fedavg(shapes: dict, extra: dict) -> None:
+    fedcmp = build_strategy("fedcmp", FEDAVG_SETTING | extra)
+    fedavg = build_strategy("fedavg")
+    for seed in range(3):  # several rounds: state must not leak into the FedAvg setting
+        global_params, updates = random_round(shapes, 5, seed)
+        assert max_abs_diff(fedcmp.aggregate(global_params, updates), fedavg.aggregate(global_params, updates)) < 1e-6
+
+
+def test_fedcmp_no_reliability_uses_sample_weights() -> None:
+    # w = p and beta = 0 via the ablation's own pinned T and gamma: tau = 1 leaves plain FedAvg.
+    global_params, updates = random_round(MLP, 4, seed=3)
+    ablation = build_strategy("fedcmp-no-reliability", {"tau": 1.0, "beta": 0.0})
+    expected = build_strategy("fedavg").aggregate(global_params, updates)
+    assert max_abs_diff(ablation.aggregate(global_params, updates), expected) < 1e-6
+
+
+@pytest.mark.parametrize(("shapes", "extra"), [(MLP, {}), (TALL, SKETCH)], ids=["exact", "sketch"])
+def test_fedcmp_basis_is_orthonormal(shapes: dict, extra: dict) -> None:
+    strategy = build_strategy("fedcmp", extra)
+    global_params, updates = random_round(shapes, 6, seed=4)
+    strategy.aggregate(global_params, updates)
+    bases = {k: v for k, v in strategy.state_dict().items() if k.startswith("basis/")}
+    assert bases.keys() == {f"basis/{layer.name}" for layer in group_layers(global_params)}
+    for u in bases.values():
+        assert 1 <= u.shape[1] <= strategy.r_max
+        torch.testing.assert_close(u.T @ u, torch.eye(u.shape[1]), atol=1e-5, rtol=0)
+
+
+def test_select_rank_energy_fraction_and_cap() -> None:
+    ritz = torch.tensor([5.0, 3.0, 2.0, 0.0])  # descending; trace 10
+    assert select_rank(ritz, 10.0, 0.5, 64) == 1
+    assert select_rank(ritz, 10.0, 0.8, 64) == 2
+    assert select_rank(ritz, 10.0, 0.81, 64) == 3
+    assert select_rank(ritz, 10.0, 0.95, 2) == 2  # r_max caps
+    assert select_rank(ritz, 10.0, 1.0, 64) == 4  # tau = 1: every direction of the range
+    assert select_rank(ritz, 20.0, 0.9, 64) == 4  # the range holds too little energy: all of it
+    assert select_rank(torch.zeros(4), 0.0, 0.95, 64) == 0  # nothing moved
+
+
+def test_fedcmp_sketch_finds_the_top_subspace() -> None:
+    """On the sketch path U captures (almost) the energy of the exact top-r eigenvectors of G."""
+    global_params, updates = random_round(TALL, 6, seed=14)
+    strategy = build_strategy("fedcmp", {"tau": 0.9, "r_max": 4, "oversample": 8})  # s = 12, m = 40 > 2s
+    strategy.aggregate(global_params, updates)
+    u = strategy.state_dict()["basis/linear_1.weight"]  # [40, r]
+    total = sum(x.num_samples for x in updates)
+    weighted = []  # (p_k, D_k = [W_k - W | b_k - b])
+    for x in updates:
+        weight = x.params["linear_1.weight"] - global_params["linear_1.weight"]
+        bias = x.params["linear_1.bias"] - global_params["linear_1.bias"]
+        weighted.append((x.num_samples / total, torch.cat([weight, bias[:, None]], dim=1)))
+    gram = sum(p * d @ d.T for p, d in weighted)
+    exact = torch.linalg.eigvalsh(gram).flip(0)[: u.shape[1]].sum()
+    captured = sum(p * (u.T @ d).square().sum() for p, d in weighted)
+    assert 2 <= u.shape[1] <= 4
+    assert float(captured) >= 0.999 * float(exact)
+
+
+@pytest.mark.parametrize(("shapes", "extra"), [(MLP, {"tau": 0.8}), (TALL, SKETCH)], ids=["exact", "sketch"])
+def test_fedcmp_momentum_stays_in_span_without_residual(shapes: dict, extra: dict) -> None:
+    strategy = build_strategy("fedcmp", {"lam": 0.0, "beta": 0.9} | extra)
+    global_params = random_round(shapes, 1, seed=0)[0]
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        updates = make_updates(global_params, random_deltas(shapes, 5, gen), [10, 20, 30, 40, 50])
+        global_params = strategy.aggregate(global_params, updates)
+        state = strategy.state_dict()
+        for layer in group_layers(global_params):
+            u, m = state[f"basis/{layer.name}"], state[f"momentum/{layer.name}"]
+            assert u.shape[1] < u.shape[0]  # a proper subspace, so the check has teeth
+            outside = m - u @ (u.T @ m)  # (I - U U^T) M
+            assert float(outside.norm()) <= 1e-5 * float(m.norm())
+
+
+@pytest.mark.parametrize(("shapes", "extra"), [(MLP, {}), (TALL, SKETCH)], ids=["exact", "sketch"])
+def test_fedcmp_client_order_invariance(shapes: dict, extra: dict) -> None:
+    global_params, updates = random_round(shapes, 6, seed=5)
+    permuted = [updates[i] for i in (3, 0, 5, 1, 4, 2)]
+    first, second = build_strategy("fedcmp", extra), build_strategy("fedcmp", extra)
+    for _ in range(2):  # the second round exercises the momentum as well
+        a = first.aggregate(global_params, updates)
+        b = second.aggregate(global_params, permuted)
+        assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_fedcmp_resists_an_opposing_client() -> None:
+    """A client sending -10x the honest mean update moves Fed-CMP far less than FedAvg."""
+    shapes = {"linear_1.weight": (16, 12), "linear_1.bias": (16,)}
+    gen = torch.Generator().manual_seed(7)
+    global_params = random_params(shapes, gen)
+    honest = random_deltas(shapes, 7, gen)
+    attack = {key: -10.0 * torch.stack([d[key] for d in honest]).mean(0) for key in shapes}
+    clean = make_updates(global_params, honest, [10] * 7)
+    attacked = clean + [ClientUpdate("mallory", 10, {k: global_params[k] + attack[k] for k in shapes}, {})]
+
+    def shift(name: str) -> float:
+        with_attacker = build_strategy(name).aggregate(global_params, attacked)
+        without = build_strategy(name).aggregate(global_params, clean)
+        return float((flat(with_attacker) - flat(without)).norm())
+
+    fedavg_shift, fedcmp_shift = shift("fedavg"), shift("fedcmp")
+    assert fedcmp_shift < 0.3 * fedavg_shift, (fedcmp_shift, fedavg_shift)  # measured ~0.22 at T = 1
+
+
+def test_fedcmp_single_client_and_zero_updates() -> None:
+    global_params, updates = random_round(MLP, 1, seed=8)
+    result = build_strategy("fedcmp").aggregate(global_params, updates)
+    # K = 1, lam = 1: Dhat = U C + (D - U C) = D, the client's own projector
+    assert max_abs_diff(result, updates[0].params) < 1e-6
+
+    standing_still = [ClientUpdate(f"c{k}", 5, dict(global_params), {}) for k in range(3)]
+    for params in ({}, {"temperature": math.inf}, {"gamma": 3.0, "temperature": 0.01}):
+        strategy = build_strategy("fedcmp", params)
+        assert max_abs_diff(strategy.aggregate(global_params, standing_still), global_params) == 0.0
+        mixed = standing_still + updates  # zero and non-zero updates together
+        assert all(torch.isfinite(t).all() for t in strategy.aggregate(global_params, mixed).values())
+
+
+def test_fedcmp_handles_linear_projector_and_lone_tensors() -> None:
+    shapes = {"linear_1.weight": (7, 5), "linear_1.bias": (7,), "scale": (3,), "mix.weight": (4, 4)}
+    global_params, updates = random_round(shapes, 4, seed=9)
+    layers = {layer.keys for layer in group_layers(global_params)}
+    assert layers == {("linear_1.weight", "linear_1.bias"), ("mix.weight",), ("scale",)}
+    fedcmp = build_strategy("fedcmp", FEDAVG_SETTING | {"lam": 0.0})
+    fedavg = build_strategy("fedavg")
+    assert max_abs_diff(fedcmp.aggregate(global_params, updates), fedavg.aggregate(global_params, updates)) < 1e-6
+
+
+# --- every strategy: durability, contract, streaming ----------------------------------------
+
+CASES = [(name, {}, MLP) for name in available_strategies()] + [("fedcmp", SKETCH, TALL)]
+CASE_IDS = [name for name in available_strategies()] + ["fedcmp-sketch"]
+
+
+def run_rounds(strategy: Strategy, global_params: Params, rounds: list[tuple[list[Params], list[int]]]) -> list[Params]:
+    results = []
+    for deltas, samples in rounds:
+        global_params = strategy.aggregate(global_params, make_updates(global_params, deltas, samples))
+        results.append(global_params)
+    return results
+
+
+@pytest.mark.parametrize(("name", "params", "shapes"), CASES, ids=CASE_IDS)
+def test_durability_bit_identical_after_safetensors_round_trip(name: str, params: dict, shapes: dict) -> None:
+    gen = torch.Generator().manual_seed(10)
+    start = random_params(shapes, gen)
+    rounds = [(random_deltas(shapes, 4, gen), torch.randint(1, 30, (4,), generator=gen).tolist()) for _ in range(4)]
+
+    straight = run_rounds(build_strategy(name, params), start, rounds)
+
+    first = build_strategy(name, params)
+    before = run_rounds(first, start, rounds[:2])
+    state = first.state_dict()
+    assert all(isinstance(t, torch.Tensor) for t in state.values())
+    blob = st_save(state)
+    resumed = build_strategy(name, params)
+    resumed.load_state_dict(st_load(blob))
+    after = run_rounds(resumed, before[-1], rounds[2:])
+
+    for expected, got in zip(straight, before + after):
+        assert all(torch.equal(expected[key], got[key]) for key in expected)
+    final_state = resumed.state_dict()
+    reference = build_strategy(name, params)
+    run_rounds(reference, start, rounds)
+    assert final_state.keys() == reference.state_dict().keys()
+    assert all(torch.equal(final_state[k], reference.state_dict()[k]) for k in final_state)
+
+
+def test_round_counter_is_int64_scalar() -> None:
+    for name in available_strategies():
+        state = build_strategy(name).state_dict()
+        if "round" in state:
+            assert state["round"].dtype == torch.int64 and state["round"].numel() == 1
+
+
+@pytest.mark.parametrize(("name", "params", "shapes"), CASES, ids=CASE_IDS)
+def test_contract_fresh_float32_outputs_and_untouched_inputs(name: str, params: dict, shapes: dict) -> None:
+    global_params, updates = random_round(shapes, 3, seed=11)
+    global_copy = {k: v.clone() for k, v in global_params.items()}
+    update_copies = [{k: v.clone() for k, v in u.params.items()} for u in updates]
+    strategy = build_strategy(name, params)
+    assert isinstance(strategy, Strategy) and strategy.name == name
+    for _ in range(2):
+        result = strategy.aggregate(global_params, updates)
+    assert result.keys() == global_params.keys()
+    for key, tensor in result.items():
+        assert tensor.dtype == torch.float32 and tensor.device.type == "cpu"
+        assert tensor.shape == global_params[key].shape and tensor.is_contiguous()
+        assert tensor.data_ptr() not in {global_params[key].data_ptr(), *(u.params[key].data_ptr() for u in updates)}
+        assert torch.isfinite(tensor).all()
+    assert all(torch.equal(global_params[k], global_copy[k]) for k in global_copy)
+    assert all(torch.equal(u.params[k], c[k]) for u, c in zip(updates, update_copies) for k in c)
+
+
+class LazyUpdates(Sequence[ClientUpdate]):
+    """Materialises an update (fresh tensors) on each access and tracks how many are alive."""
+
+    def __init__(self, updates: list[ClientUpdate]) -> None:
+        self._stored = [(u.client_id, u.num_samples, {k: v.clone() for k, v in u.params.items()}) for u in updates]
+        self.alive: dict[int, int] = {}  # access id -> live tensors
+        self.max_alive = 0
+        self.loads = 0
+
+    def __len__(self) -> int:
+        return len(self._stored)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            raise TypeError("strategies index one update at a time")
+        client_id, n, params = self._stored[index]
+        self.loads += 1
+        access = self.loads
+        fresh = {k: v.clone() for k, v in params.items()}
+        self.alive[access] = len(fresh)
+        for tensor in fresh.values():
+            weakref.finalize(tensor, self._release, access)
+        self.max_alive = max(self.max_alive, len(self.alive))
+        return ClientUpdate(client_id, n, fresh, {})
+
+    def _release(self, access: int) -> None:
+        self.alive[access] -= 1
+        if self.alive[access] == 0:
+            del self.alive[access]
+
+
+@pytest.mark.parametrize(("name", "params", "shapes"), CASES, ids=CASE_IDS)
+def test_streams_over_a_lazy_sequence(name: str, params: dict, shapes: dict) -> None:
+    global_params, updates = random_round(shapes, 5, seed=12)  # client-0 .. client-4: sorted
+    expected = build_strategy(name, params).aggregate(global_params, updates)
+    passes = 2 if params == SKETCH else 1  # the sketch path reads every client twice
+
+    lazy = LazyUpdates(updates)
+    result = build_strategy(name, params).aggregate(global_params, lazy)
+    assert all(torch.equal(result[k], expected[k]) for k in expected)
+    assert lazy.max_alive == 1
+    assert lazy.loads == passes * len(updates)
+
+    shuffled = LazyUpdates(updates[::-1])  # not sorted: a metadata pass first, same result
+    result = build_strategy(name, params).aggregate(global_params, shuffled)
+    assert all(torch.equal(result[k], expected[k]) for k in expected)
+    assert shuffled.max_alive == 1
+    assert shuffled.loads == 2 + (passes + 1) * len(updates)
+
+
+# --- validation and registry -----------------------------------------------------------------
+
+
+def test_rejects_inconsistent_rounds() -> None:
+    global_params, updates = random_round(MLP, 2, seed=13)
+    strategy = build_strategy("fedavg")
+    with pytest.raises(ValueError, match="no client updates"):
+        strategy.aggregate(global_params, [])
+    with pytest.raises(ValueError, match="duplicate client ids"):
+        strategy.aggregate(global_params, [updates[0], updates[0]])
+    bad_shape = ClientUpdate("x", 1, dict(updates[0].params, **{"linear_1.bias": torch.zeros(7)}), {})
+    with pytest.raises(ValueError, match="linear_1.bias has shape"):
+        strategy.aggregate(global_params, [bad_shape])
+    missing = ClientUpdate("x", 1, {k: v for k, v in updates[0].params.items() if k != "linear_2.bias"}, {})
+    with pytest.raises(ValueError, match="missing \\['linear_2.bias'\\]"):
+        strategy.aggregate(global_params, [missing])
+    empty = [ClientUpdate(u.client_id, 0, u.params, {}) for u in updates]
+    with pytest.raises(ValueError, match="num_samples = 0"):
+        strategy.aggregate(global_params, empty)
+
+
+def test_registry_lists_every_strategy() -> None:
+    baselines = ["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
+    assert available_strategies() == sorted(baselines + ["fedcmp", "fedcmp-no-reliability", "fedcmp-no-momentum"])
+
+
+def test_unknown_strategy_lists_known_names() -> None:
+    with pytest.raises(ValueError) as err:
+        build_strategy("fedsgd")
+    assert "fedsgd" in str(err.value)
+    assert all(name in str(err.value) for name in available_strategies())
+
+
+def test_unknown_and_invalid_hyper_parameters_are_rejected() -> None:
+    with pytest.raises(ValueError) as err:
+        build_strategy("fedadam", {"learning_rate": 0.1})
+    assert "learning_rate" in str(err.value) and "beta_2" in str(err.value)
+    with pytest.raises(ValueError, match="eta") as err:
+        build_strategy("fedyogi", {"eta": -0.1})
+    assert "accepted" in str(err.value)
+    with pytest.raises(ValueError, match="server_momentum"):
+        build_strategy("fedavgm", {"server_momentum": 1.5})
+    with pytest.raises(ValueError, match="r_max"):
+        build_strategy("fedcmp", {"r_max": 2.5})
+    with pytest.raises(ValueError, match="temperature"):
+        build_strategy("fedcmp", {"temperature": 0.0})
+    with pytest.raises(ValueError, match="tau"):
+        build_strategy("fedcmp", {"tau": float("nan")})
+    with pytest.raises(ValueError, match="beta"):  # the ablation fixes beta = 0
+        build_strategy("fedcmp-no-momentum", {"beta": 0.5})
+    with pytest.raises(ValueError, match="none"):
+        build_strategy("fedavg", {"mu": 0.01})
+
+
+def test_recipe_style_values_are_accepted() -> None:
+    # strategy_params is dict[str, float] in the recipe: integers arrive as 64.0, T as inf
+    strategy = build_strategy("fedcmp", {"r_max": 32.0, "temperature": float("inf"), "oversample": 4.0})
+    assert strategy.r_max == 32 and isinstance(strategy.r_max, int) and math.isinf(strategy.temperature)
+    assert build_strategy("fedcmp-no-momentum").beta == 0.0
+    ablation = build_strategy("fedcmp-no-reliability")
+    assert math.isinf(ablation.temperature) and ablation.gamma == 0.0
+
+
+def test_load_state_dict_rejects_foreign_state() -> None:
+    with pytest.raises(ValueError, match="stateless"):
+        build_strategy("fedavg").load_state_dict({"round": torch.tensor(1)})
+    with pytest.raises(ValueError, match="unknown entry"):
+        build_strategy("fedadam").load_state_dict({"round": torch.tensor(1), "momentum/x": torch.zeros(1)})
+    with pytest.raises(ValueError, match="round"):
+        build_strategy("fedcmp").load_state_dict({})
