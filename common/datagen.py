@@ -114,12 +114,15 @@ def client_samples(
     return clients
 
 
-def held_out_samples(n: int, rng: np.random.Generator) -> list[Sample]:
+def held_out_samples(n: int, rng: np.random.Generator, domain_style: bool = False) -> list[Sample]:
     """A held-out split balanced over domains, caption styles and (within a domain) categories.
 
     Sample j has domain j mod D; the domain's k-th sample has style k mod S and category
     (k + k // lcm(S, C)) mod C, so every prefix is balanced to +-1 and every (style, category)
-    pair appears once per S * C samples of the domain.
+    pair appears once per S * C samples of the domain. With `domain_style` (the `domain`
+    scenario, where every domain comes with its own caption style) each domain keeps its
+    style, as on the clients: the split is then balanced over domains and so over styles, and
+    measures alignment rather than a domain/style pairing no site ever shows.
     """
     samples = []
     styles = syn.STYLE_NAMES
@@ -129,7 +132,8 @@ def held_out_samples(n: int, rng: np.random.Generator) -> list[Sample]:
         cats = syn.domain_categories(domain)
         category = cats[(k + k // math.lcm(len(styles), len(cats))) % len(cats)]
         scene = syn.sample_scene(rng, domain=domain, category=category)
-        samples.append(Sample(scene, *_any_template(rng, styles[k % len(styles)])))
+        style = syn.DOMAIN_STYLE[domain] if domain_style else styles[k % len(styles)]
+        samples.append(Sample(scene, *_any_template(rng, style)))
     return samples
 
 
@@ -204,7 +208,8 @@ def generate_federation(
     # the test split has its own stream: the same seed gives the same test set in every scenario
     client_rng = np.random.default_rng([DATA_STREAM, seed, 0])
     clients = client_samples(scenario, num_clients, samples_per_client, alpha, client_rng)
-    held_out = held_out_samples(test_samples, np.random.default_rng([DATA_STREAM, seed, 1]))
+    held_out = held_out_samples(test_samples, np.random.default_rng([DATA_STREAM, seed, 1]),
+                                domain_style=scenario == "domain")
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -73,8 +73,20 @@ def test_test_split_balanced_and_disjoint(federations: dict[str, Path]) -> None:
         assert not set(test_ids) & set(client_ids)
     categories = json.loads((federations["iid"] / "manifest.json").read_text())["test"]["histograms"]["category"]
     assert set(categories) == set(syn.CATEGORIES)
-    # one seed, one test set, whatever the scenario: scenarios are compared on the same data
-    assert len({_tree_digest(out / "test") for out in federations.values()}) == 1
+    # one seed, one test set for every scenario but `domain`, whose test split keeps each domain's
+    # own caption style as its clients do (same scenes, other captions)
+    others = {name: out for name, out in federations.items() if name != "domain"}
+    assert len({_tree_digest(out / "test") for out in others.values()}) == 1
+    assert _tree_digest(federations["domain"] / "test") != _tree_digest(federations["iid"] / "test")
+
+
+def test_domain_scenario_test_split_keeps_each_domains_style() -> None:
+    from fedcmp.common.datagen import held_out_samples
+
+    paired = held_out_samples(80, np.random.default_rng(0), domain_style=True)
+    assert all(sample.style == syn.DOMAIN_STYLE[sample.scene.domain] for sample in paired)
+    mixed = held_out_samples(80, np.random.default_rng(0))
+    assert any(sample.style != syn.DOMAIN_STYLE[sample.scene.domain] for sample in mixed)
 
 
 def _dominant_share(out: Path) -> float:
