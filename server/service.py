@@ -93,7 +93,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
         try:
             await self.coordinator.store.spill_upload(header.round, client.client_id, header.num_samples,
-                                                      dict(header.metrics), header.size, header.sha256, chunks())
+                                                      dict(header.metrics), header.size, header.sha256, chunks(),
+                                                      self.coordinator.record.projector_shapes)
         except BlobIntegrityError as error:
             log.warning("rejected upload of %s for round %d: %s", client.client_id, header.round, error)
             self._count_upload("corrupt")

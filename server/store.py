@@ -23,9 +23,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, overload
 
+import torch
 from torch import Tensor
 
-from fedcmp.common.codec import BlobReceiver, fsync_dir, load_params_file, save_params_file, write_atomic
+from fedcmp.common.codec import BlobIntegrityError, BlobReceiver, fsync_dir, load_params_file, save_params_file, write_atomic
 from fedcmp.server.strategies import ClientUpdate
 
 CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -78,6 +79,16 @@ class SpilledUpdates(Sequence[ClientUpdate]):
             return [self[i] for i in range(*index.indices(len(self)))]
         upload = self._uploads[index]
         return ClientUpdate(upload.client_id, upload.num_samples, load_params_file(upload.path), upload.metrics)
+
+
+def check_contents(params: dict[str, Tensor], expected_shapes: dict[str, list[int]]) -> None:
+    """Raise BlobIntegrityError unless `params` has exactly the expected keys and shapes, all finite."""
+    shapes = {key: list(value.shape) for key, value in params.items()}
+    if shapes != expected_shapes:
+        raise BlobIntegrityError(f"tensors {shapes} do not match the projector {expected_shapes}")
+    bad = [key for key, value in params.items() if not torch.isfinite(value).all()]
+    if bad:
+        raise BlobIntegrityError(f"non-finite values (NaN/inf) in {', '.join(sorted(bad))}")
 
 
 class RunStore:
@@ -180,11 +191,14 @@ class RunStore:
         return self.upload_path(round_index, client_id).with_suffix(".json").exists()
 
     async def spill_upload(self, round_index: int, client_id: str, num_samples: int, metrics: dict[str, float],
-                           size: int, sha256: str, chunks: AsyncIterator[bytes]) -> SpilledUpload:
-        """Stream an upload's chunks to disk, verify size and digest, then publish it atomically.
+                           size: int, sha256: str, chunks: AsyncIterator[bytes],
+                           expected_shapes: dict[str, list[int]] | None = None) -> SpilledUpload:
+        """Stream an upload's chunks to disk, verify size, digest and contents, then publish it atomically.
 
         The tensors land first and the small header file last, so a half-written upload is
-        never listed. Raises BlobIntegrityError (and leaves nothing behind) on a bad transfer.
+        never listed. Raises BlobIntegrityError (and leaves nothing behind) on a bad transfer,
+        or on tensors whose keys or shapes differ from `expected_shapes` or that hold NaN/inf:
+        one bad upload must never reach, let alone poison, the aggregation.
         """
         path = self.upload_path(round_index, client_id)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -197,6 +211,8 @@ class RunStore:
                 receiver.finish()
                 sink.flush()
                 os.fsync(sink.fileno())
+            if expected_shapes is not None:
+                check_contents(load_params_file(temp), expected_shapes)
             os.replace(temp, path)
         finally:
             temp.unlink(missing_ok=True)

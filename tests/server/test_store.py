@@ -47,6 +47,20 @@ def test_a_corrupt_upload_leaves_nothing_behind(tmp_path) -> None:
     assert list(store.upload_dir(1).iterdir()) == []
 
 
+@pytest.mark.parametrize("params, message", [
+    ({"linear_1.weight": torch.full((4, 3), float("nan")), "linear_1.bias": torch.zeros(4)}, "non-finite.*linear_1.weight"),
+    ({"linear_1.weight": torch.zeros(4, 2), "linear_1.bias": torch.zeros(4)}, "do not match the projector"),
+    ({"linear_1.weight": torch.zeros(4, 3)}, "do not match the projector"),
+])
+def test_uploads_with_bad_contents_are_refused_and_leave_nothing(tmp_path, params, message) -> None:
+    store = RunStore(tmp_path)
+    blob = encode_params(params)
+    expected = {"linear_1.weight": [4, 3], "linear_1.bias": [4]}
+    with pytest.raises(BlobIntegrityError, match=message):
+        asyncio.run(store.spill_upload(1, "c1", 10, {}, len(blob), sha256_hex(blob), _chunks(blob), expected))
+    assert store.uploads(1) == [] and list(store.upload_dir(1).iterdir()) == []
+
+
 def test_unsafe_client_ids_are_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="not a safe name"):
         RunStore(tmp_path).upload_path(1, "../etc/passwd")
