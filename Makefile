@@ -27,7 +27,7 @@ test: install
 	$(PY) -m pytest -q
 
 demo: install
-	$(PY) deploy/local_demo.py --clients 4 --rounds 4 --out runs/demo
+	$(PY) deploy/local_demo.py --clients 4 --rounds 5 --out runs/demo
 
 bench-system: install
 	$(PY) bench/bench_aggregation.py

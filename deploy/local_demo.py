@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--samples-per-client", type=int, default=240)
     parser.add_argument("--scenario", default="concept")
     parser.add_argument("--strategy", default="fedavg")
+    parser.add_argument("--local-steps", type=int, default=10, help="optimizer steps per client per round")
     parser.add_argument("--cache-dir", type=Path)
     args = parser.parse_args(argv)
 
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         server = subprocess.Popen(
             [str(BIN / "fedcmp-server"), "--port", "0", "--port-file", str(port_file), "--state-dir", str(state),
-             "--rounds", str(args.rounds), "--min-clients", str(args.clients), "--strategy", args.strategy],
+             "--rounds", str(args.rounds), "--min-clients", str(args.clients), "--strategy", args.strategy,
+             "--local-steps", str(args.local_steps)],
             stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT)
         processes.append(server)
         address = f"127.0.0.1:{wait_for_port(port_file, server)}"
