@@ -5,7 +5,9 @@ evaluation of the global on each client's held-out split, the same `train_round`
 same (round, local_steps), the same strategy over updates in client-id order, the same
 sample-weighted metrics. So for a given seed the simulator's global projector equals the one a
 real coordinator commits (checked by an integration test). On top, it scores every global on
-the federation's test split, which no client sees.
+the federation's test split, which no client sees: NLL per token and caption retrieval
+accuracy after every round (retrieval on a balanced 100-image prefix per round, on the whole
+split at the end).
 
 Bounds for the benchmark use the same trainer: `centralized` pools every client's training data
 into one session trained for the same total number of steps; `local` trains each client alone.
@@ -75,10 +77,15 @@ class SimResult:
 class Simulator:
     """Runs `mode` over a Federation and reports per-round metrics."""
 
-    def __init__(self, federation: Federation, recipe: Recipe, retrieval_candidates: int = 10) -> None:
+    def __init__(self, federation: Federation, recipe: Recipe, retrieval_candidates: int = 10,
+                 round_retrieval_images: int = 100) -> None:
         self.federation = federation.with_recipe(recipe)
         self.recipe = recipe
         self.retrieval_candidates = retrieval_candidates
+        # Retrieval scores candidates x images caption sequences, 10x an NLL pass: after each round it
+        # runs on the test split's first `round_retrieval_images` (every prefix of the split is
+        # balanced over domains, styles and concepts); the final metrics use the whole split.
+        self.round_retrieval_images = round_retrieval_images
 
     def run(self, mode: Mode = "federated", on_round: RoundCallback | None = None) -> SimResult:
         if mode not in MODES:
@@ -110,7 +117,8 @@ class Simulator:
             current = strategy.aggregate(current, updates)
             row = {"round": float(round_index), "participants": float(len(updates)), "update_cosine": conflict,
                    "duration_s": time.monotonic() - began,
-                   **weighted_means([(u.num_samples, u.metrics) for u in updates]), **self._test_metrics(current)}
+                   **weighted_means([(u.num_samples, u.metrics) for u in updates]),
+                   **self._test_metrics(current, self.round_retrieval_images)}
             result.rounds.append(row)
             on_round(row)
         return self._finish(result, current)
@@ -126,13 +134,17 @@ class Simulator:
         result = SimResult()
         for round_index in range(1, recipe.rounds + 1):
             current, metrics = pooled.train_round(current, round_index - 1, steps)
-            row = {"round": float(round_index), **metrics, **self._test_metrics(current)}
+            row = {"round": float(round_index), **metrics, **self._test_metrics(current, self.round_retrieval_images)}
             result.rounds.append(row)
             on_round(row)
         return self._finish(result, current, pooled)
 
     def _local(self, on_round: RoundCallback) -> SimResult:
-        """Every client trains alone for all rounds; metrics are sample-weighted over the clients."""
+        """Every client trains alone for all rounds; metrics are sample-weighted over the clients.
+
+        Per round only the test NLL of each client's projector is scored (retrieval for every client
+        every round would cost K times the federated run); retrieval comes with the final metrics.
+        """
         recipe, sessions = self.recipe, self.federation.sessions
         projectors = {client_id: self._initial() for client_id in sessions}
         result = SimResult()
@@ -141,7 +153,8 @@ class Simulator:
             for client_id, session in sessions.items():
                 projectors[client_id], metrics = session.train_round(
                     projectors[client_id], round_index - 1, recipe.local_steps_for(session.num_train_samples))
-                rows.append((session.num_train_samples, {**metrics, **self._test_metrics(projectors[client_id])}))
+                rows.append((session.num_train_samples,
+                             {**metrics, **self._test_metrics(projectors[client_id])}))
             row = {"round": float(round_index), **weighted_means(rows)}
             result.rounds.append(row)
             on_round(row)
@@ -150,22 +163,26 @@ class Simulator:
         return result
 
     # ---- metrics ----------------------------------------------------------------------------
-    def _test_metrics(self, params: dict[str, Tensor]) -> dict[str, float]:
+    def _test_metrics(self, params: dict[str, Tensor], retrieval_images: int | None = 0) -> dict[str, float]:
+        """Test NLL per token of `params`, and caption retrieval accuracy on the first
+        `retrieval_images` test images (None: all of them; 0: no retrieval)."""
         test = self.federation.test
         if test is None:
             return {}
-        self.federation.model.load_projector_params(params)
-        return {"test_nll": caption_nll(self.federation.model, test.features, test.caption_ids, test.caption_mask,
-                                        self.recipe.batch_size)}
+        model = self.federation.model
+        model.load_projector_params(params)
+        metrics = {"test_nll": caption_nll(model, test.features, test.caption_ids, test.caption_mask,
+                                           self.recipe.batch_size)}
+        subset = test.take(slice(0, retrieval_images))
+        if retrieval_images != 0 and len(subset) >= self.retrieval_candidates:
+            metrics["test_retrieval"] = retrieval_accuracy(model, subset.features, subset.caption_ids,
+                                                           subset.caption_mask, num_candidates=self.retrieval_candidates,
+                                                           seed=self.recipe.seed)
+        return metrics
 
     def _final_metrics(self, params: dict[str, Tensor], val_session: LocalSession | None = None) -> dict[str, float]:
         """Test NLL and retrieval accuracy, plus the pooled held-out (validation) NLL used for tuning."""
-        metrics = self._test_metrics(params)
-        test = self.federation.test
-        if test is not None and len(test) >= self.retrieval_candidates:
-            metrics["test_retrieval"] = retrieval_accuracy(
-                self.federation.model, test.features, test.caption_ids, test.caption_mask,
-                num_candidates=self.retrieval_candidates, seed=self.recipe.seed)
+        metrics = self._test_metrics(params, retrieval_images=None)
         sessions = [val_session] if val_session else list(self.federation.sessions.values())
         evaluations = [(s.evaluate(params)) for s in sessions]
         tokens = sum(e["val_tokens"] for e in evaluations)

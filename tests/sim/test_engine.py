@@ -29,6 +29,7 @@ def test_federated_run_reports_every_round_and_improves_test_nll(small_federatio
     assert all(row["participants"] == 3 for row in result.rounds)
     assert result.rounds[-1]["test_nll"] < result.rounds[0]["val_loss"]  # round 1's val_loss: the initial global
     assert {"test_nll", "test_retrieval", "val_nll"} <= result.final.keys()
+    assert all(0.0 <= row["test_retrieval"] <= 1.0 for row in result.rounds)  # scored after every round
     assert 0.0 <= result.final["test_retrieval"] <= 1.0
 
 
