@@ -123,9 +123,3 @@ def load_params_file(path: Path) -> dict[str, Tensor]:
         return decode_params(Path(path).read_bytes())
     except OSError as error:
         raise BlobIntegrityError(f"cannot read {path}: {error.strerror}") from error
-
-
-def params_equal_shapes(a: dict[str, Tensor], b: dict[str, Tensor]) -> bool:
-    return a.keys() == b.keys() and all(a[key].shape == b[key].shape for key in a)
-
-

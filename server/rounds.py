@@ -15,7 +15,7 @@ import math
 import secrets
 import time
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -67,7 +67,6 @@ class TaskSpec:
     round: int = 0
     global_version: int = 0
     local_steps: int = 0
-    hyper_params: dict[str, float] = field(default_factory=dict)
     retry_after_s: float = 0.0
     message: str = ""
 
@@ -186,8 +185,7 @@ class Coordinator:
         if self.phase is Phase.TRAINING and client.client_id in self.selected and client.client_id not in self.reported:
             client.state = "training"
             return TaskSpec("TRAIN", round=self.round, global_version=self.record.global_version,
-                            local_steps=self.recipe.local_steps_for(client.num_samples),
-                            hyper_params={"lr": self.recipe.lr, "proximal_mu": self.recipe.proximal_mu})
+                            local_steps=self.recipe.local_steps_for(client.num_samples))
         if self.phase is Phase.EVALUATING and client.client_id not in self.evaluations:
             client.state = "evaluating"
             return TaskSpec("EVALUATE", round=self.round, global_version=self.record.global_version)

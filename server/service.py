@@ -126,7 +126,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
 def task_message(task: TaskSpec) -> pb.Task:
     return pb.Task(kind=pb.Task.Kind.Value(task.kind), round=task.round, global_version=task.global_version,
-                   local_steps=task.local_steps, hyper_params=task.hyper_params, retry_after_s=task.retry_after_s,
+                   local_steps=task.local_steps, retry_after_s=task.retry_after_s,
                    message=task.message)
 
 
