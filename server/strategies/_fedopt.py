@@ -20,13 +20,12 @@ import torch
 from torch import Tensor
 
 from .base import (
-    ROUND_KEY,
     ClientUpdate,
     float32,
+    join_state,
     mean_delta,
     positive,
     real_hyper,
-    round_tensor,
     split_state,
     unit_interval,
 )
@@ -70,10 +69,7 @@ class FedOpt(ABC):
         return new_params
 
     def state_dict(self) -> dict[str, Tensor]:
-        state = {ROUND_KEY: round_tensor(self._round)}
-        state |= {f"m/{key}": m for key, m in self._m.items()}
-        state |= {f"v/{key}": v for key, v in self._v.items()}
-        return state
+        return join_state(self._round, {"m": self._m, "v": self._v})
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self._round, groups = split_state(state, ["m", "v"], self.name)

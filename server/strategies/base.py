@@ -223,6 +223,14 @@ def round_tensor(value: int) -> Tensor:
     return torch.tensor(value, dtype=torch.int64)
 
 
+def join_state(round_index: int, groups: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """Inverse of `split_state`: `{ROUND_KEY: round, "<prefix>/<name>": tensor, ...}`."""
+    state = {ROUND_KEY: round_tensor(round_index)}
+    for prefix, tensors in groups.items():
+        state |= {f"{prefix}/{name}": tensor for name, tensor in tensors.items()}
+    return state
+
+
 def split_state(
     state: Mapping[str, Tensor], prefixes: Sequence[str], strategy: str
 ) -> tuple[int, dict[str, dict[str, Tensor]]]:

@@ -20,13 +20,12 @@ import torch
 from torch import Tensor
 
 from .base import (
-    ROUND_KEY,
     ClientUpdate,
     float32,
+    join_state,
     mean_delta,
     positive,
     real_hyper,
-    round_tensor,
     split_state,
     unit_interval,
 )
@@ -55,7 +54,7 @@ class FedAvgM:
         return new_params
 
     def state_dict(self) -> dict[str, Tensor]:
-        return {ROUND_KEY: round_tensor(self._round)} | {f"momentum/{k}": v for k, v in self._momentum.items()}
+        return join_state(self._round, {"momentum": self._momentum})
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self._round, groups = split_state(state, ["momentum"], self.name)

@@ -48,15 +48,14 @@ import torch
 from torch import Tensor
 
 from .base import (
-    ROUND_KEY,
     ClientUpdate,
     first_pass,
     float32,
     int_hyper,
+    join_state,
     positive,
     real_hyper,
     replay,
-    round_tensor,
     split_state,
     total_samples,
     unit_interval,
@@ -307,10 +306,7 @@ class FedCMP:
         return mean.addmm_(u, fused - self.lam * mean_coef, beta=self.lam)
 
     def state_dict(self) -> dict[str, Tensor]:
-        state = {ROUND_KEY: round_tensor(self._round)}
-        state |= {f"momentum/{name}": m for name, m in self._momentum.items()}
-        state |= {f"basis/{name}": u for name, u in self._basis.items()}
-        return state
+        return join_state(self._round, {"momentum": self._momentum, "basis": self._basis})
 
     def load_state_dict(self, state: dict[str, Tensor]) -> None:
         self._round, groups = split_state(state, ["momentum", "basis"], self.name)
