@@ -22,7 +22,7 @@ from fedcmp.sim.engine import Federation, Simulator
 SCENARIOS = ("iid", "concept", "domain", "quantity")
 BOUNDS = ("centralized", "local")
 STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedcmp",
-              "fedcmp-no-reliability", "fedcmp-no-momentum")
+              "fedcmp-no-reliability", "fedcmp-no-momentum", "fedcmp-mean-fusion")
 TUNED_FILE = Path(__file__).with_name("tuned.yaml")
 
 
@@ -38,7 +38,7 @@ class Scale:
 
 FULL = Scale(samples_per_client=640, rounds=8)
 QUICK = Scale(samples_per_client=320, test_samples=200, rounds=5)
-TUNING_SEEDS = (100,)  # the sweep never sees the benchmark's seeds (0, 1, 2) nor any test split
+TUNING_SEEDS = (100, 101)  # the sweep never sees the benchmark's seeds (0, 1, 2) nor any test split
 
 
 @dataclass

@@ -137,7 +137,7 @@ class Simulator:
             row = {"round": float(round_index), **metrics, **self._test_metrics(current, self.round_retrieval_images)}
             result.rounds.append(row)
             on_round(row)
-        return self._finish(result, current, pooled)
+        return self._finish(result, current)  # the pooled validation split is the clients' together
 
     def _local(self, on_round: RoundCallback) -> SimResult:
         """Every client trains alone for all rounds; metrics are sample-weighted over the clients.
@@ -158,7 +158,7 @@ class Simulator:
             row = {"round": float(round_index), **weighted_means(rows)}
             result.rounds.append(row)
             on_round(row)
-        finals = [(s.num_train_samples, self._final_metrics(projectors[cid], s)) for cid, s in sessions.items()]
+        finals = [(s.num_train_samples, self._final_metrics(projectors[cid], [s])) for cid, s in sessions.items()]
         result.final = weighted_means(finals)
         return result
 
@@ -180,18 +180,21 @@ class Simulator:
                                                            seed=self.recipe.seed)
         return metrics
 
-    def _final_metrics(self, params: dict[str, Tensor], val_session: LocalSession | None = None) -> dict[str, float]:
-        """Test NLL and retrieval accuracy, plus the pooled held-out (validation) NLL used for tuning."""
+    def _final_metrics(self, params: dict[str, Tensor], val_sessions: Sequence[LocalSession] = ()) -> dict[str, float]:
+        """Test NLL and retrieval accuracy, plus the held-out (validation) NLL of `val_sessions`
+        (default: every client's) used for tuning: `val_nll` pools their tokens, `val_nll_balanced`
+        averages the clients equally, as the balanced test split weighs domains and styles."""
         metrics = self._test_metrics(params, retrieval_images=None)
-        sessions = [val_session] if val_session else list(self.federation.sessions.values())
-        evaluations = [(s.evaluate(params)) for s in sessions]
-        tokens = sum(e["val_tokens"] for e in evaluations)
-        if tokens > 0:
-            metrics["val_nll"] = sum(e["val_loss"] * e["val_tokens"] for e in evaluations if e["val_tokens"]) / tokens
+        evaluations = [s.evaluate(params) for s in (val_sessions or self.federation.sessions.values())]
+        scored = [e for e in evaluations if e["val_tokens"] > 0]
+        if scored:
+            tokens = sum(e["val_tokens"] for e in scored)
+            metrics["val_nll"] = sum(e["val_loss"] * e["val_tokens"] for e in scored) / tokens
+            metrics["val_nll_balanced"] = sum(e["val_loss"] for e in scored) / len(scored)
         return metrics
 
-    def _finish(self, result: SimResult, params: dict[str, Tensor], val_session: LocalSession | None = None) -> SimResult:
-        result.final = self._final_metrics(params, val_session)
+    def _finish(self, result: SimResult, params: dict[str, Tensor]) -> SimResult:
+        result.final = self._final_metrics(params)
         result.global_params = params
         return result
 

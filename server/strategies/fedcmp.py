@@ -13,13 +13,16 @@ p_k = n_k / sum_j n_j, D_k = W_t^k - W_t:
     a_ki    = cos(C_k[i], cbar_i)                            (0 for a zero row)
     f_k     = ||C_k||_F^2 / ||D_k||_F^2                      (1 when D_k = 0)
     w_ki    = p_k f_k^gamma exp(a_ki / T) / sum_j p_j f_j^gamma exp(a_ji / T)
-    Chat[i] = sum_k w_ki C_k[i]
+    Chat[i] = (1 + rho) (H_i + rho I)^{-1} sum_k w_ki C_k[i],  H_i = sum_k w_ki u_ki u_ki^T  [n, n]
+              (u_ki = C_k[i] / ||C_k[i]||: a direction every client moves along identically gets
+              that move, rows of different clients that are orthogonal add up instead of being
+              diluted by the clients that do not move along them; rho = inf: sum_k w_ki C_k[i])
     Dhat_t  = U_t Chat + lam sum_k p_k E_k = U_t (Chat - lam Cbar) + lam Dbar
               (E_k = D_k - U_t C_k, Cbar = sum_k p_k C_k, Dbar = sum_k p_k D_k)
     M_t     = beta U_t U_t^T M_{t-1} + Dhat_t
     W_{t+1} = W_t + eta_s M_t
 
-tau = 1, T = inf, gamma = 0, beta = 0 gives w = p and Dhat = Dbar: FedAvg.
+tau = 1, T = inf, gamma = 0, rho = inf, beta = 0 gives w = p and Dhat = Dbar: FedAvg.
 
 Computing U_t without the m x Kn matrix [sqrt(p_1) D_1, ...]: streaming passes over the
 clients in client_id order, one client in memory at a time (sums weighted by n_k, divided by
@@ -136,13 +139,26 @@ def select_rank(ritz: Tensor, total: float, tau: float, r_max: int) -> int:
     return min(rank, r_max)
 
 
-def reliability_weights(coef: Tensor, p: Tensor, fidelity: Tensor, temperature: float, gamma: float) -> Tensor:
+@dataclass(frozen=True)
+class Rows:
+    """The clients' coefficient rows C_k[i], with their lengths and directions."""
+
+    coef: Tensor  # C [K, r, n]
+    norms: Tensor  # ||C_k[i]||, [K, r]
+    unit: Tensor  # u_ki = C_k[i] / ||C_k[i]||, [K, r, n]; a zero row stays zero
+
+    @classmethod
+    def of(cls, coef: Tensor) -> Rows:
+        norms = torch.linalg.vector_norm(coef, dim=2)  # [K, r]
+        return cls(coef, norms, coef / torch.where(norms > 0, norms, 1.0)[..., None])
+
+
+def reliability_weights(rows: Rows, p: Tensor, fidelity: Tensor, temperature: float, gamma: float) -> Tensor:
     """w_ki = p_k f_k^gamma exp(a_ki / T), normalised over clients k.
 
-    coef: C [K, r, n]; p: [K]; fidelity: f [K]. Returns w [K, r].
+    rows: the rows of C [K, r, n]; p: [K]; fidelity: f [K]. Returns w [K, r].
     """
-    norms = torch.linalg.vector_norm(coef, dim=2)  # [K, r]
-    unit = coef / torch.where(norms > 0, norms, 1.0)[..., None]  # zero rows stay zero
+    unit = rows.unit  # [K, r, n]
     consensus = torch.einsum("k,krn->rn", p, unit)  # cbar [r, n]
     consensus_norm = torch.linalg.vector_norm(consensus, dim=1)  # [r]
     agreement = torch.einsum("krn,rn->kr", unit, consensus) / torch.where(consensus_norm > 0, consensus_norm, 1.0)
@@ -152,6 +168,27 @@ def reliability_weights(coef: Tensor, p: Tensor, fidelity: Tensor, temperature: 
     weights = (p * fidelity.pow(gamma))[:, None] * scale  # [K, r]
     total = weights.sum(dim=0, keepdim=True)  # [1, r]
     return torch.where(total > 0, weights / torch.where(total > 0, total, 1.0), p[:, None])
+
+
+def overlap_fusion(rows: Rows, weights: Tensor, rho: float) -> Tensor:
+    """Chat[i] = (1 + rho) (H_i + rho I)^{-1} mu_i with H_i = sum_k w_ki u_ki u_ki^T, mu_i = sum_k w_ki C_k[i].
+
+    Each client asks the fused row to move as far along its own unit row u_ki as it moved itself
+    (||C_k[i]||); rho is a ridge. Solved in the span of the K rows, never as an n x n matrix:
+    Chat[i] = (1 + rho) sum_k y_ik u_ki with (diag(w_i) Gram_i + rho I) y_i = w_i * ||C_k[i]||
+    (Gram_i[k, l] = <u_ki, u_li>; its eigenvalues are >= rho > 0, so the system is regular, and
+    a zero row gets y_ik = 0). rho = inf is the weighted mean sum_k w_ki C_k[i].
+
+    rows: the rows of C [K, r, n]; weights: w [K, r], summing to 1 over k. Returns Chat [r, n].
+    """
+    if math.isinf(rho):
+        return torch.einsum("kr,krn->rn", weights, rows.coef)
+    gram = torch.einsum("krn,lrn->rkl", rows.unit, rows.unit).double()  # [r, K, K]
+    row_weights = weights.T.double()  # [r, K]
+    system = row_weights[:, :, None] * gram + rho * torch.eye(len(weights), dtype=torch.float64)  # [r, K, K]
+    target = (row_weights * rows.norms.T.double())[..., None]  # [r, K, 1]
+    y = torch.linalg.solve(system, target)[..., 0].float()  # [r, K]
+    return (1.0 + rho) * torch.einsum("rk,krn->rn", y, rows.unit)
 
 
 class _Sketch:
@@ -225,9 +262,10 @@ class FedCMP:
         r_max: int = 64,
         temperature: float = 1.0,
         gamma: float = 1.0,
+        rho: float = 0.1,
         lam: float = 1.0,
-        beta: float = 0.5,
-        eta_s: float = 1.0,
+        beta: float = 0.7,
+        eta_s: float = 0.7,
         oversample: int = 8,
         seed: int = 0,
     ) -> None:
@@ -235,6 +273,7 @@ class FedCMP:
         self.r_max = int_hyper("r_max", r_max, ">= 1", lambda v: v >= 1)
         self.temperature = real_hyper("temperature", temperature, "> 0 (inf allowed)", lambda v: v > 0.0)
         self.gamma = real_hyper("gamma", gamma, "a finite number >= 0", lambda v: 0.0 <= v < math.inf)
+        self.rho = real_hyper("rho", rho, "> 0 (inf allowed)", lambda v: v > 0.0)
         self.lam = real_hyper("lam", lam, "a finite number >= 0", lambda v: 0.0 <= v < math.inf)
         self.beta = real_hyper("beta", beta, "in [0, 1)", unit_interval)
         self.eta_s = real_hyper("eta_s", eta_s, "> 0", positive)
@@ -300,8 +339,9 @@ class FedCMP:
         coef_sq = coef.square().sum(dim=(1, 2))  # ||U C_k||_F^2 = ||C_k||_F^2, [K]
         has_delta = sqnorm > 0
         fidelity = torch.where(has_delta, coef_sq / torch.where(has_delta, sqnorm, 1.0), 1.0).clamp(0.0, 1.0)
-        weights = reliability_weights(coef, p, fidelity, self.temperature, self.gamma)  # [K, r]
-        fused = torch.einsum("kr,krn->rn", weights, coef)  # Chat [r, n]
+        rows = Rows.of(coef)
+        weights = reliability_weights(rows, p, fidelity, self.temperature, self.gamma)  # [K, r]
+        fused = overlap_fusion(rows, weights, self.rho)  # Chat [r, n]
         mean_coef = torch.einsum("k,krn->rn", p, coef)  # Cbar [r, n]
         return mean.addmm_(u, fused - self.lam * mean_coef, beta=self.lam)
 
@@ -330,6 +370,13 @@ class FedCMPNoReliability(_Ablation):
 
     name = "fedcmp-no-reliability"
     pinned = {"temperature": math.inf, "gamma": 0.0}
+
+
+class FedCMPMeanFusion(_Ablation):
+    """Ablation, and the earlier formulation: the fused row is the weighted mean sum_k w_ki C_k[i] (rho = inf)."""
+
+    name = "fedcmp-mean-fusion"
+    pinned = {"rho": math.inf}
 
 
 class FedCMPNoMomentum(_Ablation):

@@ -13,7 +13,7 @@ from .fedadagrad import FedAdagrad
 from .fedadam import FedAdam
 from .fedavg import FedAvg
 from .fedavgm import FedAvgM
-from .fedcmp import FedCMP, FedCMPNoMomentum, FedCMPNoReliability
+from .fedcmp import FedCMP, FedCMPMeanFusion, FedCMPNoMomentum, FedCMPNoReliability
 from .fedprox import FedProx
 from .fedyogi import FedYogi
 
@@ -27,6 +27,7 @@ _CLASSES: tuple[type, ...] = (
     FedCMP,
     FedCMPNoReliability,
     FedCMPNoMomentum,
+    FedCMPMeanFusion,
 )
 _REGISTRY: dict[str, type] = {cls.name: cls for cls in _CLASSES}
 

@@ -33,6 +33,17 @@ def test_federated_run_reports_every_round_and_improves_test_nll(small_federatio
     assert 0.0 <= result.final["test_retrieval"] <= 1.0
 
 
+def test_validation_scores_pool_tokens_and_balance_clients(small_federation) -> None:
+    _, federation = small_federation
+    result = Simulator(federation, Recipe(rounds=1, local_steps=2)).run("federated")
+    evaluations = [session.evaluate(result.global_params) for session in federation.sessions.values()]
+    tokens = sum(e["val_tokens"] for e in evaluations)
+    pooled = sum(e["val_loss"] * e["val_tokens"] for e in evaluations) / tokens
+    balanced = sum(e["val_loss"] for e in evaluations) / len(evaluations)
+    assert result.final["val_nll"] == pytest.approx(pooled, rel=1e-6)
+    assert result.final["val_nll_balanced"] == pytest.approx(balanced, rel=1e-6)
+
+
 def test_centralized_pools_all_data_and_takes_all_steps(small_federation) -> None:
     _, federation = small_federation
     recipe = Recipe(rounds=2, local_steps=3)
