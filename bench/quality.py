@@ -37,7 +37,7 @@ class Scale:
 
 
 FULL = Scale(samples_per_client=640, rounds=8)
-QUICK = Scale(samples_per_client=320, test_samples=200, rounds=5)
+QUICK = Scale(samples_per_client=256, test_samples=200, rounds=4)
 TUNING_SEEDS = (100, 101)  # the sweep never sees the benchmark's seeds (0, 1, 2) nor any test split
 
 
