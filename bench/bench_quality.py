@@ -152,9 +152,10 @@ def plot(rows: list[dict[str, Any]], methods: list[Method], out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colours = plt.get_cmap("tab20").colors  # 20 distinct colours: one per method, never reused
     for scenario in SCENARIOS:
         figure, axis = plt.subplots(figsize=(7, 4.5))
-        for method in methods:
+        for index, method in enumerate(methods):
             mine = [row for row in rows if row["scenario"] == scenario and row["method"] == method.name]
             if not mine:
                 continue
@@ -162,7 +163,8 @@ def plot(rows: list[dict[str, Any]], methods: list[Method], out: Path) -> None:
             means = [sum(values) / len(values) for values in per_round]
             style = "-" if method.mode == "federated" else ":"
             width = 2.5 if method.name == "fedcmp" else 1.2
-            axis.plot(range(1, len(means) + 1), means, style, linewidth=width, label=method.name)
+            axis.plot(range(1, len(means) + 1), means, style, linewidth=width, label=method.name,
+                      color=colours[index % len(colours)])
         axis.set_title(f"{scenario}: test NLL per round (mean over seeds)")
         axis.set_xlabel("round")
         axis.set_ylabel("test caption NLL per token")

@@ -1,8 +1,9 @@
 """The validation sweep that sets every strategy's server-side knobs (bench/tuned.yaml, docs/TUNING.md).
 
 Two stages, both scored on validation data only:
-1. Fed-CMP's structure: the fusion ridge `rho` and the agreement temperature `T`, four settings,
-   at a fixed server step and momentum (eta_s = 1, beta = 0.5).
+1. Fed-CMP's structure: the client-weight exponent `alpha` (sample shares or every client alike),
+   the fusion ridge `rho` and the agreement temperature `T`, eight settings, at a fixed server
+   step and momentum (eta_s = 1, beta = 0.5).
 2. Every strategy with a knob gets the same budget, four settings. FedAvgM and Fed-CMP (with the
    structure of stage 1) get the very same four (server step, momentum) pairs.
 
@@ -39,7 +40,8 @@ from fedcmp.sim.engine import Federation, Simulator  # noqa: E402
 Grid = dict[str, list[dict[str, Any]]]
 SCORE = "val_nll_balanced"
 STRUCTURE_STEP = {"eta_s": 1.0, "beta": 0.5}
-STRUCTURES = [{"rho": rho, "temperature": t} for rho, t in [(0.1, 0.5), (0.1, 1.0), (0.3, 0.5), (0.3, 1.0)]]
+STRUCTURES = [{"alpha": alpha, "rho": rho, "temperature": t}
+              for alpha in (1.0, 0.0) for rho, t in [(0.1, 0.5), (0.1, 1.0), (0.3, 0.5), (0.3, 1.0)]]
 MOMENTUM_PAIRS = [(1.0, 0.5), (2.0, 0.5), (0.7, 0.7), (0.5, 0.8)]
 SERVER_ETAS = [0.003, 0.01, 0.03, 0.1]
 
@@ -64,7 +66,7 @@ def strategy_grid(structure: dict[str, float]) -> Grid:
 def inherit_ablations(chosen: dict[str, dict[str, Any]]) -> None:
     params = dict(chosen["fedcmp"].get("strategy_params", {}))
     for ablation, pinned in (("fedcmp-no-momentum", {"beta"}), ("fedcmp-no-reliability", {"temperature", "gamma"}),
-                             ("fedcmp-mean-fusion", {"rho"})):
+                             ("fedcmp-mean-fusion", {"rho"}), ("fedcmp-sample-weights", {"alpha"})):
         chosen[ablation] = {"strategy_params": {k: v for k, v in params.items() if k not in pinned}}
 
 
@@ -128,11 +130,13 @@ def main(argv: list[str] | None = None) -> int:
              "validation splits carved from the clients' training data, each client weighted equally, mean over "
              f"the four scenarios and seeds {list(TUNING_SEEDS)} (the benchmark uses seeds 0-2; the test split is "
              f"never loaded). Scale: {FULL.clients} clients x {FULL.samples_per_client} samples, {FULL.rounds} rounds.",
-             "", f"## Stage 1: Fed-CMP's fusion ridge and agreement temperature (at {STRUCTURE_STEP})", "",
+             "", f"## Stage 1: Fed-CMP's client weights, fusion ridge and agreement temperature (at {STRUCTURE_STEP})",
+             "",
              *structure_rows, "",
              f"## Stage 2: every strategy, four settings each (Fed-CMP with {structure})", "",
              *strategy_rows, "",
-             "The ablations `fedcmp-no-reliability`, `fedcmp-no-momentum` and `fedcmp-mean-fusion` take Fed-CMP's "
+             "The ablations `fedcmp-no-reliability`, `fedcmp-no-momentum`, `fedcmp-mean-fusion` and "
+             "`fedcmp-sample-weights` take Fed-CMP's "
              "chosen setting, minus the keys they pin.", ""]
     TUNED_FILE.write_text("# Written by bench/tune.py (validation sweep); read by bench/bench_quality.py.\n" +
                           yaml.safe_dump(chosen, sort_keys=True))

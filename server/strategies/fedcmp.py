@@ -3,7 +3,8 @@
 "A Step Toward Federated Pretraining of Multimodal Large Language Models" (arXiv 2603.26786).
 
 Per layer L = [W | b] in R^{m x n} (bias appended as a column), clients k = 1..K,
-p_k = n_k / sum_j n_j, D_k = W_t^k - W_t:
+p_k = n_k^alpha / sum_j n_j^alpha (alpha = 1: sample shares; alpha = 0: every client alike,
+step-normalised), D_k = W_t^k - W_t:
 
     U_t     = top-r eigenvectors of G = sum_k p_k D_k D_k^T                        [m, r]
               r = smallest rank holding a fraction tau of trace(G), r <= r_max
@@ -22,11 +23,11 @@ p_k = n_k / sum_j n_j, D_k = W_t^k - W_t:
     M_t     = beta U_t U_t^T M_{t-1} + Dhat_t
     W_{t+1} = W_t + eta_s M_t
 
-tau = 1, T = inf, gamma = 0, rho = inf, beta = 0 gives w = p and Dhat = Dbar: FedAvg.
+alpha = 1, tau = 1, T = inf, gamma = 0, rho = inf, beta = 0 gives w = p and Dhat = Dbar: FedAvg.
 
 Computing U_t without the m x Kn matrix [sqrt(p_1) D_1, ...]: streaming passes over the
-clients in client_id order, one client in memory at a time (sums weighted by n_k, divided by
-sum_k n_k at the end); two passes when a layer is sketched, one otherwise.
+clients in client_id order, one client in memory at a time (sums weighted by n_k^alpha,
+divided by sum_k n_k^alpha at the end); two passes when a layer is sketched, one otherwise.
 - Range. A layer with m <= 2s (s = r_max + oversample) uses the whole space, Q = I_m.
   A taller layer gets a randomized range sketch (Halko, Martinsson & Tropp, 2011):
   Y = G Omega = sum_k p_k D_k (D_k^T Omega), Omega ~ N(0, 1)^{m x s} seeded by (seed, round),
@@ -60,9 +61,13 @@ from .base import (
     real_hyper,
     replay,
     split_state,
-    total_samples,
     unit_interval,
 )
+
+
+def client_weight(num_samples: float, alpha: float) -> float:
+    """n_k^alpha, the unnormalised p_k; 0 for a client that trained on nothing (also at alpha = 0)."""
+    return num_samples**alpha if num_samples > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -192,7 +197,7 @@ def overlap_fusion(rows: Rows, weights: Tensor, rho: float) -> Tensor:
 
 
 class _Sketch:
-    """Pass 1, layers with m > 2s: Y = sum_k n_k D_k (D_k^T Omega) [m, s]; Q = qr(Y)."""
+    """Pass 1, layers with m > 2s: Y = sum_k n_k^alpha D_k (D_k^T Omega) [m, s]; Q = qr(Y)."""
 
     def __init__(
         self,
@@ -200,22 +205,24 @@ class _Sketch:
         base: Mapping[str, Tensor],  # W_t [m, n]
         delta: Mapping[str, Tensor],  # buffers for D_k [m, n]
         omega: Mapping[str, Tensor],  # [m, s]
+        alpha: float,
     ) -> None:
-        self.layers, self.base, self.delta, self.omega = layers, base, delta, omega
+        self.layers, self.base, self.delta, self.omega, self.alpha = layers, base, delta, omega, alpha
         self.y = {name: torch.zeros_like(o) for name, o in omega.items()}  # [m, s]
 
     def add(self, position: int, update: ClientUpdate, count: float) -> None:
+        weight = client_weight(count, self.alpha)
         for layer in self.layers:
             d = layer.delta(update.params, self.base[layer.name], out=self.delta[layer.name])  # D_k [m, n]
-            self.y[layer.name].addmm_(d, d.T @ self.omega[layer.name], alpha=count)
+            self.y[layer.name].addmm_(d, d.T @ self.omega[layer.name], alpha=weight)
 
     def ranges(self) -> dict[str, Tensor]:
         return {name: torch.linalg.qr(y).Q for name, y in self.y.items()}  # Q [m, s]
 
 
 class _Projection:
-    """Pass 2, every layer: Z_k = Q^T D_k (Q = I when not sketched), B = sum_k n_k Z_k Z_k^T,
-    ||D_k||_F^2 and sum_k n_k D_k."""
+    """Pass 2, every layer: Z_k = Q^T D_k (Q = I when not sketched), B = sum_k n_k^alpha Z_k Z_k^T,
+    ||D_k||_F^2 and sum_k n_k^alpha D_k."""
 
     def __init__(
         self,
@@ -224,8 +231,9 @@ class _Projection:
         delta: Mapping[str, Tensor],  # buffers for D_k [m, n]
         ranges: Mapping[str, Tensor],  # Q [m, s] of the sketched layers
         clients: int,
+        alpha: float,
     ) -> None:
-        self.layers, self.base, self.delta, self.ranges = layers, base, delta, ranges
+        self.layers, self.base, self.delta, self.ranges, self.alpha = layers, base, delta, ranges, alpha
         self.z: dict[str, Tensor] = {}  # [K, s, n]
         self.gram: dict[str, Tensor] = {}  # [s, s]
         self.sqnorm: dict[str, Tensor] = {}  # [K]
@@ -239,6 +247,7 @@ class _Projection:
             self.mean[layer.name] = torch.zeros(m, n)
 
     def add(self, position: int, update: ClientUpdate, count: float) -> None:
+        weight = client_weight(count, self.alpha)
         for layer in self.layers:
             name = layer.name
             d = layer.delta(update.params, self.base[name], out=self.delta[name])  # D_k [m, n]
@@ -247,9 +256,9 @@ class _Projection:
                 torch.matmul(self.ranges[name].T, d, out=z)
             else:
                 z.copy_(d)
-            self.gram[name].addmm_(z, z.T, alpha=count)
+            self.gram[name].addmm_(z, z.T, alpha=weight)
             self.sqnorm[name][position] = torch.linalg.vector_norm(d).square()
-            self.mean[name].add_(d, alpha=count)
+            self.mean[name].add_(d, alpha=weight)
 
 
 class FedCMP:
@@ -258,17 +267,19 @@ class FedCMP:
     def __init__(
         self,
         *,
+        alpha: float = 0.0,
         tau: float = 0.95,
         r_max: int = 64,
         temperature: float = 1.0,
         gamma: float = 1.0,
-        rho: float = 0.1,
+        rho: float = 0.3,
         lam: float = 1.0,
-        beta: float = 0.7,
-        eta_s: float = 0.7,
+        beta: float = 0.5,
+        eta_s: float = 1.0,
         oversample: int = 8,
         seed: int = 0,
     ) -> None:
+        self.alpha = real_hyper("alpha", alpha, "in [0, 1]", lambda v: 0.0 <= v <= 1.0)
         self.tau = real_hyper("tau", tau, "in (0, 1]", lambda v: 0.0 < v <= 1.0)
         self.r_max = int_hyper("r_max", r_max, ">= 1", lambda v: v >= 1)
         self.temperature = real_hyper("temperature", temperature, "> 0 (inf allowed)", lambda v: v > 0.0)
@@ -297,15 +308,17 @@ class FedCMP:
         if tall:  # pass 1 sketches the tall layers, pass 2 projects every layer
             generator = torch.Generator().manual_seed(self.seed * 2**32 + t)
             omega = {layer.name: torch.randn(layer.rows, s, generator=generator) for layer in tall}  # [m, s]
-            order, sketch = first_pass(global_params, updates, lambda: _Sketch(tall, base, delta, omega))
+            order, sketch = first_pass(global_params, updates, lambda: _Sketch(tall, base, delta, omega, self.alpha))
             ranges = sketch.ranges()
-            proj = _Projection(layers, base, delta, ranges, len(order))
+            proj = _Projection(layers, base, delta, ranges, len(order), self.alpha)
             replay(updates, order, proj)
         else:  # Q = I everywhere: one pass
             ranges = {}
-            order, proj = first_pass(global_params, updates, lambda: _Projection(layers, base, delta, {}, len(updates)))
-        p = torch.tensor([part.weight for part in order], dtype=torch.float32)  # [K]
-        total_n = total_samples(order)
+            order, proj = first_pass(global_params, updates,
+                                     lambda: _Projection(layers, base, delta, {}, len(updates), self.alpha))
+        counts = torch.tensor([client_weight(part.num_samples, self.alpha) for part in order], dtype=torch.float64)
+        total_n = float(counts.sum())  # sum_k n_k^alpha, > 0: first_pass rejects a round without samples
+        p = (counts / total_n).float()  # [K]
 
         new_params: dict[str, Tensor] = {}
         momentum: dict[str, Tensor] = {}
@@ -377,6 +390,13 @@ class FedCMPMeanFusion(_Ablation):
 
     name = "fedcmp-mean-fusion"
     pinned = {"rho": math.inf}
+
+
+class FedCMPSampleWeights(_Ablation):
+    """Ablation, and ALGORITHM.md's weighting: clients count by their sample shares, p_k = n_k / sum_j n_j (alpha = 1)."""
+
+    name = "fedcmp-sample-weights"
+    pinned = {"alpha": 1.0}
 
 
 class FedCMPNoMomentum(_Ablation):

@@ -13,7 +13,7 @@ from .fedadagrad import FedAdagrad
 from .fedadam import FedAdam
 from .fedavg import FedAvg
 from .fedavgm import FedAvgM
-from .fedcmp import FedCMP, FedCMPMeanFusion, FedCMPNoMomentum, FedCMPNoReliability
+from .fedcmp import FedCMP, FedCMPMeanFusion, FedCMPNoMomentum, FedCMPNoReliability, FedCMPSampleWeights
 from .fedprox import FedProx
 from .fedyogi import FedYogi
 
@@ -28,6 +28,7 @@ _CLASSES: tuple[type, ...] = (
     FedCMPNoReliability,
     FedCMPNoMomentum,
     FedCMPMeanFusion,
+    FedCMPSampleWeights,
 )
 _REGISTRY: dict[str, type] = {cls.name: cls for cls in _CLASSES}
 
