@@ -203,9 +203,10 @@ def test_fedcmp_fedavg_setting_reproduces_fedavg(shapes: dict, extra: dict) -> N
 
 
 def test_fedcmp_no_reliability_uses_sample_weights() -> None:
-    # w = p via the ablation's own pinned T and gamma: tau = 1, rho = inf, beta = 0 leave plain FedAvg.
+    # w = p via the ablation's own pinned T and gamma: alpha = 1, tau = 1, rho = inf, beta = 0 leave plain FedAvg.
     global_params, updates = random_round(MLP, 4, seed=3)
-    ablation = build_strategy("fedcmp-no-reliability", {"tau": 1.0, "rho": math.inf, "beta": 0.0, "eta_s": 1.0})
+    plain = {"alpha": 1.0, "tau": 1.0, "rho": math.inf, "beta": 0.0, "eta_s": 1.0}
+    ablation = build_strategy("fedcmp-no-reliability", plain)
     expected = build_strategy("fedavg").aggregate(global_params, updates)
     assert max_abs_diff(ablation.aggregate(global_params, updates), expected) < 1e-6
 
@@ -252,7 +253,8 @@ def test_select_rank_energy_fraction_and_cap() -> None:
 def test_fedcmp_sketch_finds_the_top_subspace() -> None:
     """On the sketch path U captures (almost) the energy of the exact top-r eigenvectors of G."""
     global_params, updates = random_round(TALL, 6, seed=14)
-    strategy = build_strategy("fedcmp", {"tau": 0.9, "r_max": 4, "oversample": 8})  # s = 12, m = 40 > 2s
+    # s = 12, m = 40 > 2s; alpha = 1: G weighs clients by their sample shares, as computed here
+    strategy = build_strategy("fedcmp", {"alpha": 1.0, "tau": 0.9, "r_max": 4, "oversample": 8})
     strategy.aggregate(global_params, updates)
     u = strategy.state_dict()["basis/linear_1.weight"]  # [40, r]
     total = sum(x.num_samples for x in updates)
