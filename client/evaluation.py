@@ -1,24 +1,25 @@
 """Quality of a projector on encoded captions: mean token NLL and caption retrieval accuracy.
 
-Both metrics take frozen features [N, P, vision_hidden] and caption ids / masks [N, L] as
-`ProjectorMLLM.encode_images` and `tokenize_captions` produce them, and score with the model's
-current projector (load one first with `load_projector_params`).
+Both metrics take frozen features [N, P, vision_hidden] (a tensor or any `FeatureStore`: they
+only index it) and caption ids / masks [N, L] as `tokenize_captions` produces them, and score
+with the model's current projector (load one first with `load_projector_params`).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from fedcmp.client.features import FeatureStore
 from fedcmp.client.model import ProjectorMLLM
 
 
 @torch.no_grad()
 def caption_nll(
-    model: ProjectorMLLM, features: Tensor, caption_ids: Tensor, caption_mask: Tensor, batch_size: int
+    model: ProjectorMLLM, features: Tensor | FeatureStore, caption_ids: Tensor, caption_mask: Tensor, batch_size: int
 ) -> float:
     """Mean NLL per supervised caption token (caption + eos) over the whole set."""
     total_nll, total_tokens = 0.0, 0
-    for start in range(0, features.shape[0], batch_size):
+    for start in range(0, len(features), batch_size):
         end = start + batch_size
         nll, tokens = model.caption_nll(features[start:end], caption_ids[start:end], caption_mask[start:end])
         total_nll += nll.sum().item()
@@ -31,7 +32,7 @@ def caption_nll(
 @torch.no_grad()
 def retrieval_accuracy(
     model: ProjectorMLLM,
-    features: Tensor,
+    features: Tensor | FeatureStore,
     caption_ids: Tensor,
     caption_mask: Tensor,
     num_candidates: int = 10,
@@ -47,7 +48,7 @@ def retrieval_accuracy(
     sentences). A tie counts as a miss, so an uninformative projector cannot score by luck of
     ordering. All (image, candidate) pairs are scored in batches of `batch_size` pairs.
     """
-    num_images = features.shape[0]
+    num_images = len(features)
     # caption_class[i]: which distinct caption example i carries.
     rows = torch.cat([caption_ids * caption_mask, caption_mask], dim=1)  # [N, 2L]
     distinct, caption_class = torch.unique(rows, dim=0, return_inverse=True)  # [U, 2L], [N]

@@ -24,33 +24,18 @@ from tqdm.auto import tqdm
 
 from fedcmp.client.data import CaptionExample, load_llava_json, split_train_val
 from fedcmp.client.evaluation import caption_nll
+from fedcmp.client.features import EncodedSplit, TensorFeatures
 from fedcmp.client.model import ProjectorMLLM
 from fedcmp.common.recipe import Recipe
-
-
-@dataclass
-class EncodedSplit:
-    """Examples with their frozen vision features and tokenized captions, row-aligned."""
-
-    examples: list[CaptionExample]
-    features: Tensor  # [N, P, vision_hidden] float32, CPU
-    caption_ids: Tensor  # [N, L]
-    caption_mask: Tensor  # [N, L]
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def take(self, rows: slice) -> EncodedSplit:
-        return EncodedSplit(self.examples[rows], self.features[rows], self.caption_ids[rows], self.caption_mask[rows])
 
 
 def encode_examples(
     model: ProjectorMLLM, examples: Sequence[CaptionExample], batch_size: int, show_progress: bool = False
 ) -> EncodedSplit:
-    """Run the frozen vision tower and the tokenizer over `examples` once."""
+    """Run the frozen vision tower and the tokenizer over `examples` once; features stay in RAM."""
     features = model.encode_images([example.image_path for example in examples], batch_size, show_progress)
     caption_ids, caption_mask = model.tokenize_captions([example.caption for example in examples])
-    return EncodedSplit(list(examples), features, caption_ids, caption_mask)
+    return EncodedSplit([example.id for example in examples], TensorFeatures(features), caption_ids, caption_mask)
 
 
 def batch_schedule(
@@ -115,7 +100,7 @@ class LocalSession:
         train_examples, val_examples = split_train_val(examples, recipe.val_fraction, recipe.seed)
         encoded = encode_examples(model, train_examples + val_examples, recipe.batch_size, show_progress)
         num_train = len(train_examples)
-        train, val = encoded.take(slice(0, num_train)), encoded.take(slice(num_train, None))
+        train, val = encoded.take(torch.arange(num_train)), encoded.take(torch.arange(num_train, len(encoded)))
         return cls(client_id, recipe, model, train, val, show_progress)
 
     @property
@@ -162,11 +147,11 @@ class LocalSession:
         )  # [local_steps, B]
         losses: list[float] = []
         disable = None if self.show_progress else True  # None: tqdm shows the bar only on a terminal
-        progress = tqdm(schedule, desc=f"round {round_index}", unit="step", leave=False, disable=disable)
+        batches = self.train.batches(list(schedule))
+        progress = tqdm(batches, total=local_steps, desc=f"round {round_index}", unit="step", leave=False,
+                        disable=disable)
         for batch in progress:
-            nll, tokens = model.caption_nll(
-                self.train.features[batch], self.train.caption_ids[batch], self.train.caption_mask[batch]
-            )  # [B], [B]
+            nll, tokens = model.caption_nll(batch.features, batch.caption_ids, batch.caption_mask)  # [B], [B]
             loss = nll.sum() / tokens.sum()  # mean NLL per supervised token, as LLaVA's loss
             objective = loss
             if recipe.proximal_mu > 0:

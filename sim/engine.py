@@ -27,7 +27,8 @@ from torch import Tensor
 from fedcmp.client.data import load_llava_json
 from fedcmp.client.evaluation import caption_nll, retrieval_accuracy
 from fedcmp.client.model import ProjectorMLLM
-from fedcmp.client.trainer import EncodedSplit, LocalSession, encode_examples
+from fedcmp.client.features import EncodedSplit, concat_splits
+from fedcmp.client.trainer import LocalSession, encode_examples
 from fedcmp.common.projector import init_projector_params
 from fedcmp.common.recipe import Recipe
 from fedcmp.server.rounds import choose_clients, weighted_means
@@ -173,7 +174,7 @@ class Simulator:
         model.load_projector_params(params)
         metrics = {"test_nll": caption_nll(model, test.features, test.caption_ids, test.caption_mask,
                                            self.recipe.batch_size)}
-        subset = test.take(slice(0, retrieval_images))
+        subset = test.take(torch.arange(len(test))[:retrieval_images])
         if retrieval_images != 0 and len(subset) >= self.retrieval_candidates:
             metrics["test_retrieval"] = retrieval_accuracy(model, subset.features, subset.caption_ids,
                                                            subset.caption_mask, num_candidates=self.retrieval_candidates,
@@ -197,18 +198,6 @@ class Simulator:
         result.final = self._final_metrics(params)
         result.global_params = params
         return result
-
-
-def concat_splits(splits: Sequence[EncodedSplit]) -> EncodedSplit:
-    """One split holding the rows of all `splits` (captions padded to the longest)."""
-    width = max(split.caption_ids.shape[1] for split in splits)
-
-    def padded(tensor: Tensor) -> Tensor:
-        return torch.nn.functional.pad(tensor, (0, width - tensor.shape[1]))
-
-    return EncodedSplit([e for s in splits for e in s.examples], torch.cat([s.features for s in splits]),
-                        torch.cat([padded(s.caption_ids) for s in splits]),
-                        torch.cat([padded(s.caption_mask) for s in splits]))
 
 
 def update_cosine(global_params: dict[str, Tensor], updates: Sequence[ClientUpdate]) -> float:

@@ -67,7 +67,7 @@ def encoded(scenes: Path, make_recipe: Callable[..., Recipe]) -> tuple[Projector
     recipe = make_recipe()
     model = ProjectorMLLM.from_pretrained(recipe.vision_model, recipe.llm, recipe)
     split = encode_examples(model, load_llava_json(scenes), batch_size=8)
-    return model, split.features, split.caption_ids, split.caption_mask
+    return model, split.features[:], split.caption_ids, split.caption_mask
 
 
 Encoded = tuple[ProjectorMLLM, Tensor, Tensor, Tensor]

@@ -25,7 +25,7 @@ def _distance(params: dict[str, Tensor], reference: dict[str, Tensor]) -> float:
 
 def test_open_splits_and_encodes(session: LocalSession) -> None:
     assert (session.num_train_samples, session.num_val_samples) == (12, 4)
-    assert session.train.features.shape == (12, 16, 24) and session.val.features.shape == (4, 16, 24)
+    assert session.train.features[:].shape == (12, 16, 24) and session.val.features[:].shape == (4, 16, 24)
     assert session.train.caption_ids.shape[0] == 12 and session.val.caption_mask.shape[0] == 4
     assert session.signature() == session.model.signature()
 
