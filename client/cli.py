@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from fedcmp.client.daemon import ClientDaemon, ConnectionSettings, CoordinatorLink, CoordinatorUnreachable, RegistrationRefused
+from fedcmp.client.fingerprint import FingerprintError, fingerprint_backbones
 from fedcmp.common.constants import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE, RECONNECT_BUDGET_S
 from fedcmp.common.logs import setup_logging
 from fedcmp.common.security import SecurityConfigError, bearer_metadata, channel_credentials
@@ -74,9 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         recipe = recipe.model_copy(update={key: value for key, value in local.items() if value is not None})
         session = LocalSession.open(args.data, recipe, client_id, device=args.device, cache_dir=args.cache_dir,
                                     image_folder=args.image_folder, show_progress=not args.no_progress)
-        daemon.run(session)
+        backbones = fingerprint_backbones(recipe.vision_model, recipe.llm, args.cache_dir)
+        log.info("backbones: %s", backbones.describe())
+        daemon.run(session, backbones)
     except DataError as error:
         print(f"fedcmp-client: bad data: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except FingerprintError as error:
+        print(f"fedcmp-client: {error}", file=sys.stderr)
         return EXIT_USAGE
     except RegistrationRefused as error:
         print(f"fedcmp-client: the coordinator refused {client_id}: {error}", file=sys.stderr)

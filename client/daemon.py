@@ -20,6 +20,7 @@ from torch import Tensor
 from fedcmp.common.codec import decode_params, encode_params, iter_chunks, receive_blob, sha256_hex
 from fedcmp.common.constants import (MAX_MESSAGE_BYTES, PROTOCOL_VERSION, RECONNECT_BASE_S, RECONNECT_BUDGET_S,
                                      RECONNECT_MAX_S)
+from fedcmp.common.provenance import Backbones, ProjectorProvenance
 from fedcmp.common.recipe import Recipe
 from fedcmp.common.wire import coordinator_pb2 as pb
 from fedcmp.common.wire import coordinator_pb2_grpc as pb_grpc
@@ -98,6 +99,7 @@ class ClientDaemon:
         self.token = ""
         self._global: tuple[int, dict[str, Tensor]] | None = None
         self.session = None  # the LocalSession, set by run()
+        self.backbones: Backbones | None = None  # what the session loaded, set by run()
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         return self.link.settings.call_metadata
@@ -112,7 +114,9 @@ class ClientDaemon:
         request = pb.RegisterRequest(
             client_id=self.client_id, num_samples=session.num_train_samples, num_eval_samples=session.num_val_samples,
             projector=[pb.TensorSpec(name=name, shape=list(shape)) for name, shape in session.signature().items()],
-            vision_model=session.recipe.vision_model, llm=session.recipe.llm, protocol_version=PROTOCOL_VERSION)
+            vision_model=self.backbones.vision_model, llm=self.backbones.llm,
+            vision_fingerprint=self.backbones.vision_fingerprint, llm_fingerprint=self.backbones.llm_fingerprint,
+            protocol_version=PROTOCOL_VERSION)
         reply = self.link.call("Register", lambda: self.link.stub.Register(request, metadata=self._metadata()))
         if not reply.accepted:
             raise RegistrationRefused(reply.reason)
@@ -120,9 +124,10 @@ class ClientDaemon:
         log.info("registered %s with %d training / %d held-out samples", self.client_id,
                  session.num_train_samples, session.num_val_samples)
 
-    def run(self, session) -> None:  # session: fedcmp.client.trainer.LocalSession
-        """Register and serve tasks until the coordinator says DONE."""
+    def run(self, session, backbones: Backbones) -> None:  # session: fedcmp.client.trainer.LocalSession
+        """Register with the session's backbones and serve tasks until the coordinator says DONE."""
         self.session = session
+        self.backbones = backbones
         self.register()
         while True:
             task = self.link.call("PollTask", lambda: self.link.stub.PollTask(
@@ -167,7 +172,10 @@ class ClientDaemon:
         self.upload(task, params, {**metrics, **before})
 
     def upload(self, task: pb.Task, params: dict[str, Tensor], metrics: dict[str, float]) -> None:
-        blob = encode_params(params)
+        model = self.session.model
+        provenance = ProjectorProvenance.of(self.session.recipe, self.backbones, model.vision_hidden, model.text_hidden,
+                                            task.round)
+        blob = encode_params(params, provenance.to_metadata())
         digest = sha256_hex(blob)
         samples = int(metrics.get("samples", self.session.num_train_samples))
 

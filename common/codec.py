@@ -12,6 +12,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_save
 from torch import Tensor
@@ -123,3 +124,12 @@ def load_params_file(path: Path) -> dict[str, Tensor]:
         return decode_params(Path(path).read_bytes())
     except OSError as error:
         raise BlobIntegrityError(f"cannot read {path}: {error.strerror}") from error
+
+
+def load_params_metadata(path: Path) -> dict[str, str]:
+    """The metadata in a safetensors file's header (`{}` when it has none), without reading its tensors."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (OSError, SafetensorError) as error:
+        raise BlobIntegrityError(f"cannot read the safetensors header of {path}: {error}") from error

@@ -16,6 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fedcmp.common.projector import PROJECTOR_TYPES
 
 
+FINGERPRINT_PATTERN = r"^[0-9a-f]{64}$"  # a hex sha256
+
+
 class RecipeError(ValueError):
     """A recipe that cannot be used; the message says which field and why."""
 
@@ -31,6 +34,10 @@ class Recipe(BaseModel):
     projector_type: str = "mlp2x_gelu"
     vision_feature_layer: int = -2  # LLaVA uses the penultimate layer of the vision tower
     vision_feature_select: Literal["default", "full"] = "default"  # default drops CLS
+    # Pins: only clients whose backbone files have these fingerprints (fedcmp.client.fingerprint) may join.
+    # Unpinned, the first client's fingerprints become the run's.
+    vision_fingerprint: str | None = Field(default=None, pattern=FINGERPRINT_PATTERN)
+    llm_fingerprint: str | None = Field(default=None, pattern=FINGERPRINT_PATTERN)
     max_caption_tokens: int = Field(default=48, ge=4)
 
     # Federation.

@@ -25,7 +25,9 @@ from torch import Tensor
 from fedcmp.common.codec import encode_params, sha256_hex
 from fedcmp.common.constants import POLL_HOLD_S
 from fedcmp.common.projector import describe_shapes, init_projector_params, projector_shapes
+from fedcmp.common.provenance import Backbones
 from fedcmp.common.recipe import Recipe
+from fedcmp.server.identity import backbone_refusal, run_backbones
 from fedcmp.server.store import CLIENT_ID_PATTERN, RunRecord, RunStore, SpilledUpdates
 from fedcmp.server.strategies import Strategy
 
@@ -57,6 +59,7 @@ class ClientRecord:
     token: str
     last_seen: float
     state: str = "idle"  # idle, training, uploaded, evaluating, evaluated
+    backbones: Backbones | None = None  # what the client loaded (None: an in-process caller that did not say)
 
 
 @dataclass(frozen=True)
@@ -117,18 +120,30 @@ class Coordinator:
             pass
 
     # ---- registration and sessions --------------------------------------------------------
-    def register(self, client_id: str, shapes: Shapes, num_samples: int, num_eval_samples: int) -> Verdict:
+    @property
+    def backbones(self) -> Backbones | None:
+        """The run's backbones: fixed with the projector signature by the first admitted client."""
+        return Backbones(**self.record.backbones) if self.record.backbones else None
+
+    def register(self, client_id: str, shapes: Shapes, num_samples: int, num_eval_samples: int,
+                 backbones: Backbones | None = None) -> Verdict:
+        """Admit a client whose backbones (when given: the gRPC service always does) and projector fit the run."""
         if not CLIENT_ID_PATTERN.match(client_id):
             return Verdict(False, f"client id {client_id!r} is not allowed: use letters, digits, '.', '_', '-' "
                                   "(max 128 characters)")
         if num_samples <= 0:
             return Verdict(False, f"client {client_id} reports {num_samples} training samples; it needs at least 1")
         refusal = self._check_signature(client_id, shapes)
+        refusal = refusal or (backbone_refusal(client_id, backbones, self.backbones, self.recipe) if backbones else "")
         if refusal:
             return Verdict(False, refusal)
+        if not self.record.projector_shapes:
+            self._fix_run(shapes, backbones)
         token = secrets.token_hex(16)
-        self.clients[client_id] = ClientRecord(client_id, num_samples, num_eval_samples, token, time.monotonic())
-        log.info("registered %s (%d samples, %d held-out)", client_id, num_samples, num_eval_samples)
+        self.clients[client_id] = ClientRecord(client_id, num_samples, num_eval_samples, token, time.monotonic(),
+                                               backbones=backbones)
+        log.info("registered %s (%d samples, %d held-out; %s)", client_id, num_samples, num_eval_samples,
+                 backbones.describe() if backbones else "backbones not given")
         self._notify()
         return Verdict(True, token=token)
 
@@ -142,15 +157,21 @@ class Coordinator:
             if expected != shapes:
                 return (f"projector shape mismatch: the recipe's {self.recipe.projector_type} projector has "
                         f"{describe_shapes(expected)} but client {client_id} has {describe_shapes(shapes)}")
-            initial = init_projector_params(self.recipe.projector_type, shapes["linear_1.weight"][1],
-                                            shapes["linear_1.weight"][0], self.recipe.seed)
-            self.record = self.store.commit_initial_global(self.record, initial)
             return ""
         if shapes != expected:
             return (f"projector shape mismatch: the coordinator's projector is {describe_shapes(expected)} but "
                     f"client {client_id} has {describe_shapes(shapes)}; load the backbones the recipe names "
                     f"(vision_model={self.recipe.vision_model!r}, llm={self.recipe.llm!r})")
         return ""
+
+    def _fix_run(self, shapes: Shapes, backbones: Backbones | None) -> None:
+        """The first admitted client fixes the projector signature and the backbones; global v0 is written."""
+        initial = init_projector_params(self.recipe.projector_type, shapes["linear_1.weight"][1],
+                                        shapes["linear_1.weight"][0], self.recipe.seed)
+        run = run_backbones(self.recipe, backbones) if backbones else None
+        self.record = self.store.commit_initial_global(self.record, initial, run)
+        if run is not None:
+            log.info("the run's backbones: %s", run.describe())
 
     def _signature_from(self, shapes: Shapes) -> Shapes | None:
         """The recipe's projector shapes for the widths a client's first layer implies."""

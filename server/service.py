@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import asdict
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -15,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from fedcmp.common.codec import BlobIntegrityError, iter_chunks
 from fedcmp.common.constants import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
+from fedcmp.common.provenance import Backbones
 from fedcmp.common.wire import coordinator_pb2 as pb
 from fedcmp.common.wire import coordinator_pb2_grpc as pb_grpc
 from fedcmp.server.rounds import ClientRecord, Coordinator, SessionError, TaskSpec
@@ -51,7 +53,9 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                 await context.abort(grpc.StatusCode.PERMISSION_DENIED,
                                     f"this bearer token does not belong to client {request.client_id!r}")
         shapes = {spec.name: tuple(spec.shape) for spec in request.projector}
-        verdict = self.coordinator.register(request.client_id, shapes, request.num_samples, request.num_eval_samples)
+        backbones = Backbones(request.vision_model, request.llm, request.vision_fingerprint, request.llm_fingerprint)
+        verdict = self.coordinator.register(request.client_id, shapes, request.num_samples, request.num_eval_samples,
+                                            backbones)
         if not verdict.accepted:
             log.warning("refused %s: %s", request.client_id, verdict.reason)
         return pb.RegisterReply(accepted=verdict.accepted, reason=verdict.reason, session_token=verdict.token,
@@ -140,8 +144,8 @@ def status_message(coordinator: Coordinator) -> pb.Status:
         global_version=record.global_version,
         strategy=coordinator.strategy.name,
         clients=[pb.ClientInfo(client_id=c.client_id, num_samples=c.num_samples, state=c.state,
-                               last_seen_s=now - c.last_seen) for c in sorted(coordinator.clients.values(),
-                                                                              key=lambda c: c.client_id)],
+                               last_seen_s=now - c.last_seen, backbones=backbones_message(c.backbones))
+                 for c in sorted(coordinator.clients.values(), key=lambda c: c.client_id)],
         selected=coordinator.selected,
         reported=sorted(coordinator.reported),
         history=[pb.RoundMetrics(round=row["round"], participants=row["participants"], duration_s=row["duration_s"],
@@ -151,7 +155,12 @@ def status_message(coordinator: Coordinator) -> pb.Status:
         eta_s=coordinator.eta_s(),
         uptime_s=now - coordinator.started,
         final_metrics=record.final_metrics,
+        backbones=backbones_message(coordinator.backbones),
     )
+
+
+def backbones_message(backbones: Backbones | None) -> pb.Backbones | None:
+    return pb.Backbones(**asdict(backbones)) if backbones is not None else None
 
 
 def build_server(coordinator: Coordinator, bind: str, credentials: grpc.ServerCredentials | None = None,

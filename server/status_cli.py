@@ -11,6 +11,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from fedcmp.common.constants import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+from fedcmp.common.provenance import Backbones, short
 from fedcmp.common.security import SecurityConfigError, channel_credentials
 from fedcmp.common.wire import coordinator_pb2 as pb
 from fedcmp.common.wire import coordinator_pb2_grpc as pb_grpc
@@ -22,12 +23,19 @@ def status_dict(status: pb.Status) -> dict[str, Any]:
     return MessageToDict(status, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
+def describe_backbones(backbones: pb.Backbones) -> str:
+    return Backbones(backbones.vision_model, backbones.llm, backbones.vision_fingerprint,
+                     backbones.llm_fingerprint).describe()
+
+
 def render(status: pb.Status) -> str:
     eta = "unknown" if status.eta_s < 0 else f"{status.eta_s:.0f}s"
     lines = [f"phase {status.phase}   round {status.round}/{status.total_rounds}   global v{status.global_version}   "
              f"strategy {status.strategy}   eta {eta}   up {status.uptime_s:.0f}s",
+             f"backbones: {describe_backbones(status.backbones) if status.HasField('backbones') else 'not fixed yet'}",
              f"clients ({len(status.clients)}):"]
-    lines += [f"  {c.client_id:<20} {c.state:<11} {c.num_samples:>7} samples   seen {c.last_seen_s:.0f}s ago"
+    lines += [f"  {c.client_id:<20} {c.state:<11} {c.num_samples:>7} samples   seen {c.last_seen_s:.0f}s ago   "
+              f"backbones {short(c.backbones.vision_fingerprint)}/{short(c.backbones.llm_fingerprint)}"
               for c in status.clients]
     if status.selected and status.phase == "TRAINING":
         lines.append(f"round {status.round}: {len(status.reported)}/{len(status.selected)} uploads in")

@@ -4,7 +4,8 @@ Layout under `--state-dir`:
 
     recipe.json                      the run's recipe (written once)
     run.json                         the commit record: the last committed round and what it names
-    global/v{N}.safetensors          global projector versions (the committed one and its predecessor)
+    global/v{N}.safetensors          global projector versions (the committed one and its predecessor),
+                                     with fedcmp's projector metadata (fedcmp.common.provenance)
     strategy/r{N}.safetensors        strategy state (momentum, moments, basis, counters) after round N
     uploads/r{N}/{client}.safetensors + .json    accepted client uploads, spilled as they arrive
     metrics.jsonl                    one JSON line per committed round (and the final evaluation)
@@ -27,6 +28,8 @@ import torch
 from torch import Tensor
 
 from fedcmp.common.codec import BlobIntegrityError, BlobReceiver, fsync_dir, load_params_file, save_params_file, write_atomic
+from fedcmp.common.provenance import Backbones, ProjectorProvenance
+from fedcmp.common.recipe import Recipe
 from fedcmp.server.strategies import ClientUpdate
 
 CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -44,6 +47,7 @@ class RunRecord:
     global_version: int = 0
     strategy: str = ""
     projector_shapes: dict[str, list[int]] = field(default_factory=dict)  # fixed by the first registration
+    backbones: dict[str, str] = field(default_factory=dict)  # Backbones fields, fixed with the shapes
     history: list[dict[str, Any]] = field(default_factory=list)
     final_metrics: dict[str, float] = field(default_factory=dict)
     done: bool = False
@@ -135,11 +139,13 @@ class RunStore:
         self._write_record(record)
         return record
 
-    def commit_initial_global(self, record: RunRecord, initial_global: dict[str, Tensor]) -> RunRecord:
-        """Fix the projector signature and write global v0 (once, when the first client registers)."""
-        save_params_file(self.global_path(0), initial_global)
+    def commit_initial_global(self, record: RunRecord, initial_global: dict[str, Tensor],
+                              backbones: Backbones | None = None) -> RunRecord:
+        """Fix the projector signature and backbones and write global v0 (once, when the first client registers)."""
         shapes = {key: list(value.shape) for key, value in initial_global.items()}
-        fixed = RunRecord(**{**asdict(record), "projector_shapes": shapes})
+        fixed = RunRecord(**{**asdict(record), "projector_shapes": shapes,
+                             "backbones": asdict(backbones) if backbones else {}})
+        save_params_file(self.global_path(0), initial_global, self._global_metadata(fixed, 0, initial_global))
         self._write_record(fixed)
         return fixed
 
@@ -165,11 +171,12 @@ class RunStore:
     def commit_round(self, record: RunRecord, round_index: int, new_global: dict[str, Tensor],
                      strategy_state: dict[str, Tensor], round_metrics: dict[str, Any]) -> RunRecord:
         """Atomically make `new_global` version `round_index`, with strategy state and metrics."""
-        save_params_file(self.global_path(round_index), new_global)
+        save_params_file(self.global_path(round_index), new_global,
+                         self._global_metadata(record, round_index, new_global))
         save_params_file(self.strategy_path(round_index), strategy_state)
         committed = RunRecord(
             committed_round=round_index, global_version=round_index, strategy=record.strategy,
-            projector_shapes=record.projector_shapes, history=[*record.history, round_metrics], final_metrics=dict(record.final_metrics), done=False)
+            projector_shapes=record.projector_shapes, backbones=record.backbones, history=[*record.history, round_metrics], final_metrics=dict(record.final_metrics), done=False)
         self._write_record(committed)
         self._append_metrics({"event": "round", **round_metrics})
         self._prune(round_index)
@@ -233,6 +240,14 @@ class RunStore:
         return found
 
     # ---- internals ----------------------------------------------------------------------
+    def _global_metadata(self, record: RunRecord, version: int, params: dict[str, Tensor]) -> dict[str, str]:
+        """What global `version` says about itself: recipe, backbones, widths, round."""
+        recipe = Recipe.from_json(self.load_recipe_json())
+        backbones = Backbones(**record.backbones) if record.backbones else Backbones(recipe.vision_model, recipe.llm,
+                                                                                    "", "")
+        text_hidden, vision_hidden = params["linear_1.weight"].shape
+        return ProjectorProvenance.of(recipe, backbones, vision_hidden, text_hidden, version).to_metadata()
+
     def _write_record(self, record: RunRecord) -> None:
         write_atomic(self.run_file, json.dumps(asdict(record), indent=1).encode())
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ["fedcmp.common.wire.coordinator_pb2_grpc", "fedcmp.common.recipe", "fedcmp.server.cli",
-           "fedcmp.server.strategies", "fedcmp.client.cli", "fedcmp.sim"]
+           "fedcmp.server.strategies", "fedcmp.client.cli", "fedcmp.sim", "fedcmp.export.cli"]
 
 
 def test_wheel_holds_only_fedcmp_packages_and_imports_from_itself(tmp_path) -> None:
