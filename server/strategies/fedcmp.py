@@ -44,7 +44,7 @@ State: `round`, `momentum/<layer>` (M_t, [m, n]; only when beta > 0) and `basis/
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -132,6 +132,32 @@ def group_layers(params: Mapping[str, Tensor]) -> list[Layer]:
     ]
 
 
+def _onednn_linear() -> Callable[[Tensor, Tensor], Tensor] | None:
+    """oneDNN's float32 GEMM behind `torch.ops.mkldnn`, or None on a PyTorch build without it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    try:
+        linear = torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+    return lambda a, b: linear(a, b, None, "none", [], "")
+
+
+_ONEDNN_LINEAR = _onednn_linear()
+
+
+def times_transposed(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b.T for float32 CPU matrices a [p, q], b [t, q] (either may be a transposed view) -> [p, t].
+
+    The sketch's products are skinny (one side s = r_max + oversample wide); MKL's sgemm runs
+    them ~20% slower than oneDNN's GEMM (docs/PERFORMANCE.md), so they go through oneDNN where
+    PyTorch has it. Both are plain float32 GEMMs: the results agree to rounding.
+    """
+    if _ONEDNN_LINEAR is None:
+        return a @ b.T
+    return _ONEDNN_LINEAR(a, b)
+
+
 def select_rank(ritz: Tensor, total: float, tau: float, r_max: int) -> int:
     """Smallest r whose top-r Ritz values (descending) hold tau * total; all of them when tau = 1."""
     if total <= 0.0 or len(ritz) == 0:
@@ -197,27 +223,28 @@ def overlap_fusion(rows: Rows, weights: Tensor, rho: float) -> Tensor:
 
 
 class _Sketch:
-    """Pass 1, layers with m > 2s: Y = sum_k n_k^alpha D_k (D_k^T Omega) [m, s]; Q = qr(Y)."""
+    """Pass 1, layers with m > 2s: Y = sum_k n_k^alpha D_k (Omega^T D_k)^T [m, s]; Q = qr(Y)."""
 
     def __init__(
         self,
         layers: Sequence[Layer],
         base: Mapping[str, Tensor],  # W_t [m, n]
         delta: Mapping[str, Tensor],  # buffers for D_k [m, n]
-        omega: Mapping[str, Tensor],  # [m, s]
+        omega: Mapping[str, Tensor],  # Omega^T [s, m]
         alpha: float,
     ) -> None:
-        self.layers, self.base, self.delta, self.omega, self.alpha = layers, base, delta, omega, alpha
-        self.y = {name: torch.zeros_like(o) for name, o in omega.items()}  # [m, s]
+        self.layers, self.base, self.delta, self.omega_t, self.alpha = layers, base, delta, omega, alpha
+        self.y = {name: torch.zeros(o.shape[1], o.shape[0]) for name, o in omega.items()}  # [m, s]
 
     def add(self, position: int, update: ClientUpdate, count: float) -> None:
         weight = client_weight(count, self.alpha)
         for layer in self.layers:
             d = layer.delta(update.params, self.base[layer.name], out=self.delta[layer.name])  # D_k [m, n]
-            self.y[layer.name].addmm_(d, d.T @ self.omega[layer.name], alpha=weight)
+            sketch = times_transposed(self.omega_t[layer.name], d.T)  # Omega^T D_k [s, n]
+            self.y[layer.name].add_(times_transposed(d, sketch), alpha=weight)  # D_k D_k^T Omega [m, s]
 
     def ranges(self) -> dict[str, Tensor]:
-        return {name: torch.linalg.qr(y).Q for name, y in self.y.items()}  # Q [m, s]
+        return {name: torch.linalg.qr(y).Q.T.contiguous() for name, y in self.y.items()}  # Q^T [s, m]
 
 
 class _Projection:
@@ -229,7 +256,7 @@ class _Projection:
         layers: Sequence[Layer],
         base: Mapping[str, Tensor],  # W_t [m, n]
         delta: Mapping[str, Tensor],  # buffers for D_k [m, n]
-        ranges: Mapping[str, Tensor],  # Q [m, s] of the sketched layers
+        ranges: Mapping[str, Tensor],  # Q^T [s, m] of the sketched layers
         clients: int,
         alpha: float,
     ) -> None:
@@ -240,7 +267,7 @@ class _Projection:
         self.mean: dict[str, Tensor] = {}  # [m, n]
         for layer in layers:
             m, n = base[layer.name].shape
-            s = ranges[layer.name].shape[1] if layer.name in ranges else m
+            s = ranges[layer.name].shape[0] if layer.name in ranges else m
             self.z[layer.name] = torch.empty(clients, s, n)
             self.gram[layer.name] = torch.zeros(s, s)
             self.sqnorm[layer.name] = torch.empty(clients)
@@ -253,7 +280,7 @@ class _Projection:
             d = layer.delta(update.params, self.base[name], out=self.delta[name])  # D_k [m, n]
             z = self.z[name][position]  # [s, n]
             if name in self.ranges:
-                torch.matmul(self.ranges[name].T, d, out=z)
+                z.copy_(times_transposed(self.ranges[name], d.T))  # Q^T D_k
             else:
                 z.copy_(d)
             self.gram[name].addmm_(z, z.T, alpha=weight)
@@ -307,7 +334,8 @@ class FedCMP:
         tall = [layer for layer in layers if layer.rows > 2 * s]
         if tall:  # pass 1 sketches the tall layers, pass 2 projects every layer
             generator = torch.Generator().manual_seed(self.seed * 2**32 + t)
-            omega = {layer.name: torch.randn(layer.rows, s, generator=generator) for layer in tall}  # [m, s]
+            omega = {layer.name: torch.randn(layer.rows, s, generator=generator).T.contiguous()
+                     for layer in tall}  # Omega^T [s, m], Omega ~ N(0, 1)^{m x s}
             order, sketch = first_pass(global_params, updates, lambda: _Sketch(tall, base, delta, omega, self.alpha))
             ranges = sketch.ranges()
             proj = _Projection(layers, base, delta, ranges, len(order), self.alpha)
@@ -330,7 +358,7 @@ class FedCMP:
             ritz, vectors = ritz.flip(0), vectors.flip(1).float()
             energy = float((p.double() * proj.sqnorm[name].double()).sum())  # trace(G)
             v = vectors[:, : select_rank(ritz, energy, self.tau, self.r_max)]  # V_r [s, r]
-            u = v.contiguous() if name not in ranges else ranges[name] @ v  # U_t [m, r]
+            u = v.contiguous() if name not in ranges else ranges[name].T @ v  # U_t = Q V_r [m, r]
             coef = torch.matmul(v.T, proj.z[name])  # C [K, r, n]
             mean = proj.mean[name].div_(total_n)  # Dbar [m, n]
             step = self._fuse(u, coef, p, proj.sqnorm[name], mean)  # Dhat_t [m, n]
