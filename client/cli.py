@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except SecurityConfigError as error:
         print(f"fedcmp-client: {error}", file=sys.stderr)
         return EXIT_USAGE
+    if metadata and credentials is None:
+        log.warning("!!! sending the bearer token over PLAINTEXT: anyone on the network path can read it and act "
+                    "as this client; use TLS (--tls-ca) !!!")
     link = CoordinatorLink(ConnectionSettings(args.server, credentials, metadata, args.reconnect_budget))
     daemon = ClientDaemon(link, client_id)
     try:

@@ -1,14 +1,18 @@
 """The client daemon's loop: recipe -> register -> long-poll tasks -> download / train / upload -> DONE.
 
 Talks to the coordinator over synchronous gRPC (training blocks anyway). Every call survives a
-coordinator that is briefly away: UNAVAILABLE is retried with capped exponential backoff, and an
-UNAUTHENTICATED answer (the coordinator restarted and forgot our session) re-registers. Uploads
-are idempotent per (client, round), so a retried upload never counts twice.
+coordinator that is briefly away: UNAVAILABLE is retried with capped exponential backoff, and a
+FAILED_PRECONDITION answer (the coordinator restarted and forgot our session) re-registers. Uploads
+are idempotent per (client, round), so a retried upload never counts twice. While a task runs,
+a heartbeat thread reports progress (client/heartbeat.py). Each daemon process registers with
+a random instance id, so the coordinator can tell its restart from a second process using
+the same client id (that one is refused until the first has been silent for client_timeout_s).
 """
 from __future__ import annotations
 
 import logging
 import random
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -17,6 +21,7 @@ from typing import TypeVar
 import grpc
 from torch import Tensor
 
+from fedcmp.client.heartbeat import Heartbeat
 from fedcmp.common.codec import decode_params, encode_params, iter_chunks, receive_blob, sha256_hex
 from fedcmp.common.constants import (MAX_MESSAGE_BYTES, PROTOCOL_VERSION, RECONNECT_BASE_S, RECONNECT_BUDGET_S,
                                      RECONNECT_MAX_S)
@@ -96,6 +101,7 @@ class ClientDaemon:
     def __init__(self, link: CoordinatorLink, client_id: str) -> None:
         self.link = link
         self.client_id = client_id
+        self.instance_id = secrets.token_hex(8)  # this process; a restart gets a new one
         self.token = ""
         self._global: tuple[int, dict[str, Tensor]] | None = None
         self.session = None  # the LocalSession, set by run()
@@ -110,14 +116,21 @@ class ClientDaemon:
         return Recipe.from_json(reply.recipe_json)
 
     def register(self) -> None:
+        """Register, waiting (up to the reconnect budget) while another live process holds our id."""
         session = self.session
         request = pb.RegisterRequest(
             client_id=self.client_id, num_samples=session.num_train_samples, num_eval_samples=session.num_val_samples,
             projector=[pb.TensorSpec(name=name, shape=list(shape)) for name, shape in session.signature().items()],
             vision_model=self.backbones.vision_model, llm=self.backbones.llm,
             vision_fingerprint=self.backbones.vision_fingerprint, llm_fingerprint=self.backbones.llm_fingerprint,
-            protocol_version=PROTOCOL_VERSION)
-        reply = self.link.call("Register", lambda: self.link.stub.Register(request, metadata=self._metadata()))
+            protocol_version=PROTOCOL_VERSION, instance_id=self.instance_id)
+        give_up_at = time.monotonic() + self.link.settings.reconnect_budget_s
+        while True:
+            reply = self.link.call("Register", lambda: self.link.stub.Register(request, metadata=self._metadata()))
+            if reply.accepted or reply.retry_after_s <= 0 or time.monotonic() + reply.retry_after_s > give_up_at:
+                break
+            log.warning("not registered yet: %s; retrying in %.0fs", reply.reason, reply.retry_after_s)
+            time.sleep(reply.retry_after_s)
         if not reply.accepted:
             raise RegistrationRefused(reply.reason)
         self.token = reply.session_token
@@ -140,11 +153,26 @@ class ClientDaemon:
             if kind == "WAIT":
                 time.sleep(task.retry_after_s)
             elif kind == "TRAIN":
-                self.train(task)
+                with self.heartbeat(task) as heartbeat:
+                    self.train(task, heartbeat)
             elif kind == "EVALUATE":
-                self.evaluate(task)
+                with self.heartbeat(task):
+                    self.evaluate(task)
             else:
                 raise RuntimeError(f"coordinator sent an unknown task kind {task.kind}")
+
+    def heartbeat(self, task: pb.Task) -> Heartbeat:
+        """A heartbeat for the duration of `task` (download, work, upload)."""
+        def beat(step: int, loss: float) -> None:
+            request = pb.HeartbeatRequest(client_id=self.client_id, session_token=self.token, round=task.round,
+                                          step=step, total_steps=task.local_steps, last_loss=loss)
+            try:
+                self.link.stub.Heartbeat(request, timeout=interval, metadata=self._metadata())
+            except grpc.RpcError as error:  # the task's own calls retry; a lost heartbeat only delays news
+                log.debug("heartbeat failed: %s %s", error.code().name, error.details())
+
+        interval = self.session.recipe.heartbeat_interval_s
+        return Heartbeat(beat, interval)
 
     def download(self, version: int) -> dict[str, Tensor]:
         if self._global is not None and self._global[0] == version:
@@ -163,12 +191,13 @@ class ClientDaemon:
         self._global = (version, params)
         return params
 
-    def train(self, task: pb.Task) -> None:
+    def train(self, task: pb.Task, heartbeat: Heartbeat) -> None:
         global_params = self.download(task.global_version)
         before = self.session.evaluate(global_params)
         log.info("round %d: global v%d held-out loss %.4f; training %d steps", task.round, task.global_version,
                  before["val_loss"], task.local_steps)
-        params, metrics = self.session.train_round(global_params, task.round - 1, task.local_steps)
+        params, metrics = self.session.train_round(global_params, task.round - 1, task.local_steps,
+                                                   on_step=heartbeat.progress)
         self.upload(task, params, {**metrics, **before})
 
     def upload(self, task: pb.Task, params: dict[str, Tensor], metrics: dict[str, float]) -> None:

@@ -98,11 +98,14 @@ def write_atomic(path: Path, blob: bytes | memoryview) -> None:
     """Write `blob` to `path` so a crash leaves either the old file or the new one: temp, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(temp, "wb") as handle:
-        handle.write(blob)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temp, path)
+    try:
+        with open(temp, "wb") as handle:
+            handle.write(blob)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)  # a failed write (ENOSPC, EIO) leaves no temp file behind
     fsync_dir(path.parent)
 
 

@@ -16,10 +16,11 @@ def plot_run(metrics_file: Path, out: Path) -> Path:
     rounds = [row for row in rows if row.get("event") == "round"]
     final = next((row for row in rows if row.get("event") == "final"), None)
     figure, axis = plt.subplots(figsize=(6, 4))
-    axis.plot([r["round"] for r in rounds], [r.get("train_loss", float("nan")) for r in rounds], "o-",
+    # A round row keeps the clients' metric means under "metrics", apart from the server's fields.
+    axis.plot([r["round"] for r in rounds], [r["metrics"].get("train_loss", float("nan")) for r in rounds], "o-",
               label="client train loss")
     # Round r's val_loss is the global it started from (version r-1); the final row is version R.
-    held_out = [(r["round"] - 1, r["val_loss"]) for r in rounds if "val_loss" in r]
+    held_out = [(r["round"] - 1, r["metrics"]["val_loss"]) for r in rounds if "val_loss" in r["metrics"]]
     if final and "val_loss" in final:
         held_out.append((final["global_version"], final["val_loss"]))
     if held_out:

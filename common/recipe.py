@@ -1,8 +1,9 @@
 """The training recipe: one validated pydantic model the coordinator owns and sends to clients.
 
 Loadable from YAML or JSON; every field can be overridden from the command line
-(`--rounds 5` overrides `rounds`). Unknown fields and bad values are refused with a message
-that names the field.
+(`--rounds 5` overrides `rounds`, see fedcmp.common.recipe_flags). Unknown fields and bad
+values are refused with a message that names the field. On `--resume` only the
+OPERATIONAL_FIELDS may change (`resumed_recipe`): the others define the model and training.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedcmp.common.projector import PROJECTOR_TYPES
 
@@ -47,7 +48,18 @@ class Recipe(BaseModel):
     min_clients: int = Field(default=2, ge=1)
     clients_per_round: int | None = Field(default=None, ge=1)  # None: every registered client
     round_timeout_s: float = Field(default=600.0, gt=0)
-    quorum: float = Field(default=1.0, gt=0, le=1)  # fraction of selected clients needed at the deadline
+    quorum: float = Field(default=1.0, gt=0, le=1)  # fraction of live selected clients needed at the deadline
+    max_clients: int | None = Field(default=None, ge=1)  # None: no cap on registered clients
+
+    # Liveness: clients heartbeat while they work; one not heard from for client_timeout_s is gone.
+    heartbeat_interval_s: float = Field(default=5.0, gt=0)
+    client_timeout_s: float = Field(default=60.0, gt=0)
+
+    # Projector admission: widths pinned here fix the projector shape before any client registers;
+    # otherwise the clients present when round 1 starts fix it (see docs/operations.md).
+    vision_hidden: int | None = Field(default=None, ge=1)
+    text_hidden: int | None = Field(default=None, ge=1)
+    max_projector_params: int = Field(default=80_000_000, ge=1)  # LLaVA projectors of up to 70B LLMs fit
 
     # Local training.
     local_steps: int | None = Field(default=None, ge=1)  # None: derived from `epochs` (one pass overall)
@@ -66,6 +78,15 @@ class Recipe(BaseModel):
         if value not in PROJECTOR_TYPES:
             raise ValueError(f"unknown projector type {value!r}; known: {', '.join(PROJECTOR_TYPES)}")
         return value
+
+    @model_validator(mode="after")
+    def _liveness_is_consistent(self) -> Recipe:
+        if self.client_timeout_s < 2 * self.heartbeat_interval_s:
+            raise ValueError(f"client_timeout_s ({self.client_timeout_s:g}) must be at least twice "
+                             f"heartbeat_interval_s ({self.heartbeat_interval_s:g}), or live clients count as gone")
+        if (self.vision_hidden is None) != (self.text_hidden is None):
+            raise ValueError("vision_hidden and text_hidden pin the projector together: give both or neither")
+        return self
 
     def local_steps_for(self, num_train_samples: int) -> int:
         """Optimizer steps per round for a client holding `num_train_samples` examples.
@@ -86,27 +107,72 @@ class Recipe(BaseModel):
         return _validated(json.loads(text), "recipe sent by the coordinator")
 
 
+# Fields `--resume` may change: how the run is operated, not what it trains.
+OPERATIONAL_FIELDS = frozenset({"rounds", "min_clients", "quorum", "round_timeout_s", "max_clients",
+                                "heartbeat_interval_s", "client_timeout_s"})
+
+
 def load_recipe(path: Path | None = None, overrides: dict[str, Any] | None = None) -> Recipe:
-    """Read a YAML/JSON recipe (or the defaults) and apply non-None overrides on top."""
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        source = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as error:
-            raise RecipeError(f"cannot read recipe {path}: {error.strerror}") from error
-        try:
-            loaded = yaml.safe_load(text) if Path(path).suffix in {".yaml", ".yml"} else json.loads(text)
-        except (yaml.YAMLError, json.JSONDecodeError) as error:
-            raise RecipeError(f"recipe {path} is not valid {Path(path).suffix[1:].upper() or 'JSON'}: {error}") from error
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise RecipeError(f"recipe {path} must be a mapping of field: value, got {type(loaded).__name__}")
-        data.update(loaded)
-    data.update({key: value for key, value in (overrides or {}).items() if value is not None})
-    return _validated(data, source)
+    """Read a YAML/JSON recipe (or the defaults) and apply non-None overrides on top.
+
+    An override key `field.key` sets one entry of a dict field (`strategy_params.rho`).
+    """
+    data = read_recipe_file(path) if path is not None else {}
+    return _validated(apply_overrides(data, overrides or {}), str(path) if path is not None else "defaults")
+
+
+def resumed_recipe(stored: Recipe, path: Path | None, overrides: dict[str, Any]) -> Recipe:
+    """The recipe a resumed run continues with: the stored one, with operational changes only.
+
+    `path` (a recipe file) and `overrides` are read as for a fresh run, on top of the stored
+    recipe when no file is given. Any difference outside OPERATIONAL_FIELDS is refused with a
+    message naming the fields.
+    """
+    data = read_recipe_file(path) if path is not None else stored.model_dump()
+    asked = _validated(apply_overrides(data, overrides), "resume")
+    changed = sorted(name for name in Recipe.model_fields if getattr(asked, name) != getattr(stored, name))
+    fixed = [name for name in changed if name not in OPERATIONAL_FIELDS]
+    if fixed:
+        kept = ", ".join(f"{name}={getattr(stored, name)!r}" for name in fixed)
+        raise RecipeError(f"--resume cannot change {', '.join(fixed)}: they define the model and its training "
+                          f"(the stored recipe has {kept}); only {', '.join(sorted(OPERATIONAL_FIELDS))} may "
+                          "change; start a new --state-dir to change the others")
+    return asked
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`data` with the non-None `overrides` on top; `field.key` keys set one entry of a dict field."""
+    merged = dict(data)
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        name, dot, entry = key.partition(".")
+        if not dot:
+            merged[name] = value
+            continue
+        field = Recipe.model_fields.get(name)
+        current = merged.get(name, field.get_default(call_default_factory=True) if field else {})
+        if not isinstance(current, dict):
+            raise RecipeError(f"cannot set {key}: recipe field {name} is not a mapping")
+        merged[name] = {**current, entry: value}
+    return merged
+
+
+def read_recipe_file(path: Path) -> dict[str, Any]:
+    """The mapping a YAML/JSON recipe file holds (RecipeError when it cannot be read or is not one)."""
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise RecipeError(f"cannot read recipe {path}: {error.strerror}") from error
+    try:
+        loaded = yaml.safe_load(text) if Path(path).suffix in {".yaml", ".yml"} else json.loads(text)
+    except (yaml.YAMLError, json.JSONDecodeError) as error:
+        raise RecipeError(f"recipe {path} is not valid {Path(path).suffix[1:].upper() or 'JSON'}: {error}") from error
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise RecipeError(f"recipe {path} must be a mapping of field: value, got {type(loaded).__name__}")
+    return loaded
 
 
 def _validated(data: dict[str, Any], source: str) -> Recipe:

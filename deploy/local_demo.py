@@ -134,7 +134,7 @@ def publish(state: Path, out: Path) -> None:
     shutil.copyfile(final, out / "projector.safetensors")
     shutil.copyfile(state / "metrics.jsonl", out / "metrics.jsonl")
     plot_run(out / "metrics.jsonl", out / "loss.png")
-    before = record["history"][0].get("val_loss") if record["history"] else None
+    before = record["history"][0]["metrics"].get("val_loss") if record["history"] else None
     after = record["final_metrics"].get("val_loss")
     if before is not None and after is not None:
         print(f"[demo] held-out caption loss: {before:.4f} before training -> {after:.4f} after", flush=True)

@@ -12,18 +12,19 @@ from pathlib import Path
 
 import grpc
 import torch
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health, health_pb2
 
 from fedcmp.common.constants import DEFAULT_PORT, EXIT_OK, EXIT_USAGE
 from fedcmp.common.logs import setup_logging
-from fedcmp.common.recipe import Recipe, RecipeError, load_recipe
+from fedcmp.common.recipe import OPERATIONAL_FIELDS, Recipe, RecipeError, load_recipe, resumed_recipe
+from fedcmp.common.recipe_flags import add_recipe_flags, recipe_overrides
 from fedcmp.common.security import SecurityConfigError
 from fedcmp.server.metrics import CoordinatorMetrics
 from fedcmp.server.rounds import Coordinator
 from fedcmp.server.security import load_tokens, server_credentials
 from fedcmp.server.service import SERVICE_NAME, build_server
-from fedcmp.server.store import RunStore, StateError
-from fedcmp.server.strategies import available_strategies, build_strategy
+from fedcmp.server.store import RunRecord, RunStore, StateError
+from fedcmp.server.strategies import Strategy, build_strategy
 
 log = logging.getLogger("fedcmp.server")
 
@@ -33,43 +34,48 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="0 picks a free port (printed at start)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind; 0.0.0.0 for all")
     parser.add_argument("--config", type=Path, help="recipe file (YAML or JSON); flags override its fields")
-    parser.add_argument("--strategy", help=f"one of: {', '.join(available_strategies())}")
-    parser.add_argument("--rounds", type=int)
-    parser.add_argument("--min-clients", type=int)
-    parser.add_argument("--clients-per-round", type=int)
-    parser.add_argument("--round-timeout", type=float, dest="round_timeout_s")
-    parser.add_argument("--local-steps", type=int)
-    parser.add_argument("--seed", type=int)
     parser.add_argument("--state-dir", type=Path, default=Path("runs/server"))
-    parser.add_argument("--resume", action="store_true", help="continue the run held in --state-dir")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run held in --state-dir; only operational recipe fields may change "
+                             f"({', '.join(sorted(OPERATIONAL_FIELDS))})")
     parser.add_argument("--linger", type=float, default=30.0,
                         help="after DONE, keep serving up to this many seconds until every client has been told")
     parser.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate chain (PEM)")
     parser.add_argument("--tls-key", type=Path, help="private key of --tls-cert (PEM)")
     parser.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
-    parser.add_argument("--auth-tokens", type=Path, help="file of 'CLIENT_ID TOKEN' lines; calls need a bearer token")
+    parser.add_argument("--auth-tokens", type=Path,
+                        help="file of 'CLIENT_ID TOKEN' and 'operator:NAME TOKEN' lines; every call but health then "
+                             "needs a bearer token (status an operator's)")
+    parser.add_argument("--public-status", action="store_true",
+                        help="with --auth-tokens: GetStatus/WatchStatus/reflection need no token")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (/metrics)")
     parser.add_argument("--port-file", type=Path, help="write the bound port here once serving (for scripts)")
     parser.add_argument("-v", "--verbose", action="store_true")
+    add_recipe_flags(parser)
     return parser.parse_args(argv)
 
 
 def resolve_recipe(args: argparse.Namespace, store: RunStore) -> Recipe:
-    overrides = {"strategy": args.strategy, "rounds": args.rounds, "min_clients": args.min_clients,
-                 "clients_per_round": args.clients_per_round, "round_timeout_s": args.round_timeout_s,
-                 "local_steps": args.local_steps, "seed": args.seed}
-    if args.resume:
-        stored = Recipe.from_json(store.load_recipe_json())
-        asked = load_recipe(args.config, overrides) if args.config else None
-        if asked is not None and asked != stored:
-            raise RecipeError(f"--resume continues the recipe stored in {store.recipe_file}; the --config given "
-                              "differs from it (drop --config, or start a new --state-dir)")
-        # Extending a finished or running job by more rounds is allowed; nothing else changes on resume.
-        changed = {key: value for key, value in overrides.items() if value is not None and key != "rounds"}
-        if any(getattr(stored, key) != value for key, value in changed.items()):
-            raise RecipeError(f"--resume keeps the stored recipe; only --rounds may change (got {changed})")
-        return stored.model_copy(update={"rounds": args.rounds}) if args.rounds else stored
-    return load_recipe(args.config, overrides)
+    """The run's recipe: --config and the recipe flags, or on --resume the stored one with operational changes."""
+    overrides = recipe_overrides(args)
+    if not args.resume:
+        return load_recipe(args.config, overrides)
+    stored = Recipe.from_json(store.load_recipe_json())
+    recipe = resumed_recipe(stored, args.config, overrides)
+    if recipe != stored:
+        changes = {name: getattr(recipe, name) for name in sorted(OPERATIONAL_FIELDS)
+                   if getattr(recipe, name) != getattr(stored, name)}
+        log.info("resuming with %s", ", ".join(f"{name}={value!r}" for name, value in changes.items()))
+        store.save_recipe_json(recipe.to_json())  # a later --resume continues with these values
+    return recipe
+
+
+def open_strategy(recipe: Recipe, store: RunStore, record: RunRecord) -> Strategy:
+    """The run's strategy, with the state of its last commit (a run with no commit yet starts fresh)."""
+    strategy = build_strategy(recipe.strategy, recipe.strategy_params)
+    if record.committed_round > 0:
+        strategy.load_state_dict(store.load_strategy_state(record.committed_round))
+    return strategy
 
 
 def open_run(args: argparse.Namespace) -> Coordinator:
@@ -77,13 +83,12 @@ def open_run(args: argparse.Namespace) -> Coordinator:
     if args.resume and not store.has_run():
         raise StateError(f"--resume given but {args.state_dir} holds no run")
     recipe = resolve_recipe(args, store)
-    strategy = build_strategy(recipe.strategy, recipe.strategy_params)
     if args.resume:
         record = store.load()
-        strategy.load_state_dict(store.load_strategy_state(record.committed_round))
         log.info("resuming %s at round %d of %d", args.state_dir, record.committed_round + 1, recipe.rounds)
     else:
         record = store.create(recipe.to_json(), recipe.strategy)
+    strategy = open_strategy(recipe, store, record)
     metrics = None
     if args.metrics_port is not None:
         metrics = CoordinatorMetrics()
@@ -103,10 +108,11 @@ def security(args: argparse.Namespace) -> tuple[grpc.ServerCredentials | None, d
 
 async def serve(args: argparse.Namespace, coordinator: Coordinator, credentials: grpc.ServerCredentials | None,
                 tokens: dict[str, str] | None) -> int:
-    server, port = build_server(coordinator, f"{args.host}:{args.port}", credentials, tokens)
+    server, port = build_server(coordinator, f"{args.host}:{args.port}", credentials, tokens, args.public_status)
     await server.start()
-    await server.health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    await server.health_servicer.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    if tokens and credentials is None:
+        log.warning("!!! bearer tokens over PLAINTEXT: anyone on the network path can read them and act as your "
+                    "clients; serve TLS (--tls-cert/--tls-key) !!!")
     log.info("coordinator listening on %s:%d (%s%s; strategy %s, %d rounds, state %s)", args.host, port,
              "mutual TLS" if args.tls_client_ca else "TLS" if credentials else "plaintext",
              ", bearer tokens" if tokens else "", coordinator.strategy.name, coordinator.recipe.rounds, args.state_dir)
@@ -116,6 +122,7 @@ async def serve(args: argparse.Namespace, coordinator: Coordinator, credentials:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    health = asyncio.create_task(mirror_health(coordinator, server.health_servicer))
     run = asyncio.create_task(coordinator.run())
     stopper = asyncio.create_task(stop.wait())
     await asyncio.wait({run, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -129,9 +136,19 @@ async def serve(args: argparse.Namespace, coordinator: Coordinator, credentials:
     else:
         log.info("stopping on signal; state is committed up to round %d", coordinator.record.committed_round)
         run.cancel()
+    health.cancel()
     await server.health_servicer.enter_graceful_shutdown()
     await server.stop(grace=2.0)
     return EXIT_OK
+
+
+async def mirror_health(coordinator: Coordinator, health_servicer: health.aio.HealthServicer) -> None:
+    """SERVING while the coordinator can commit, NOT_SERVING while its disk writes fail."""
+    async for _ in coordinator.watch():
+        status = health_pb2.HealthCheckResponse.SERVING if coordinator.healthy else \
+            health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await health_servicer.set(service, status)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -143,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         coordinator = open_run(args)
     except (RecipeError, StateError, ValueError) as error:
         print(f"fedcmp-server: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as error:  # the state dir cannot be created, read or written
+        print(f"fedcmp-server: --state-dir {args.state_dir} is not usable: {error.strerror or error} "
+              f"({error.filename or args.state_dir})", file=sys.stderr)
         return EXIT_USAGE
     try:
         import uvloop

@@ -3,8 +3,9 @@
 Equal projector shapes do not make equal models: another vision tower of the same width
 (different weights, another patch count) would train a different projector. So each client
 sends the fingerprints of its backbone files, and the coordinator compares them with the run's:
-the recipe's pins when it has them, else those of the first client admitted (kept in the
-commit record, so a restarted coordinator keeps refusing the same clients).
+the recipe's pins when it has them, else those most live registrants share when round 1 opens
+(fedcmp.server.admission; kept in the commit record, so after the first commit a restarted
+coordinator keeps refusing the same clients).
 """
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ from fedcmp.common.provenance import Backbones, short
 from fedcmp.common.recipe import Recipe
 
 
-def run_backbones(recipe: Recipe, first_client: Backbones) -> Backbones:
-    """The run's identity: the recipe's names, its pins where set, else the first client's fingerprints."""
+def run_backbones(recipe: Recipe, chosen: Backbones) -> Backbones:
+    """The run's identity: the recipe's names, its pins where set, else the chosen client's fingerprints."""
     return Backbones(vision_model=recipe.vision_model, llm=recipe.llm,
-                     vision_fingerprint=recipe.vision_fingerprint or first_client.vision_fingerprint,
-                     llm_fingerprint=recipe.llm_fingerprint or first_client.llm_fingerprint)
+                     vision_fingerprint=recipe.vision_fingerprint or chosen.vision_fingerprint,
+                     llm_fingerprint=recipe.llm_fingerprint or chosen.llm_fingerprint)
 
 
 def backbone_refusal(client_id: str, client: Backbones, run: Backbones | None, recipe: Recipe) -> str:
@@ -30,7 +31,7 @@ def backbone_refusal(client_id: str, client: Backbones, run: Backbones | None, r
             ("LLM", client.llm_fingerprint, client.llm, recipe.llm_fingerprint, run.llm_fingerprint if run else "")):
         expected = pinned or fixed
         if expected and theirs != expected:
-            source = "pinned by the recipe" if pinned else "fixed by the first client of the run"
+            source = "pinned by the recipe" if pinned else "chosen when round 1 opened"
             return (f"backbone mismatch: client {client_id}'s {kind} {name!r} has fingerprint {short(theirs)} but the "
                     f"run's is {short(expected)} ({source}); load the backbone files the run uses "
                     f"(vision_model={recipe.vision_model!r}, llm={recipe.llm!r})")

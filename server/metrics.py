@@ -33,8 +33,9 @@ class CoordinatorMetrics:
         self.round.set(round_index)
         self.clients.set(registered)
 
-    def round_committed(self, metrics: dict) -> None:
-        self.aggregation.observe(metrics["aggregation_s"])
+    def round_committed(self, row: dict) -> None:
+        """A committed round's record: server fields at the top, client metric means under "metrics"."""
+        self.aggregation.observe(row["aggregation_s"])
         for gauge, key in ((self.train_loss, "train_loss"), (self.val_loss, "val_loss")):
-            if key in metrics:
-                gauge.set(metrics[key])
+            if key in row["metrics"]:
+                gauge.set(row["metrics"][key])

@@ -1,20 +1,24 @@
 """The coordinator's round state machine, independent of gRPC.
 
-WAITING (for min clients) -> TRAINING(round r) -> AGGREGATING -> COMMITTED(r) -> ... ->
-EVALUATING (the final projector on every client's held-out split) -> DONE.
+WAITING (for min live clients) -> TRAINING(round r) -> AGGREGATING -> COMMITTED(r) -> ... ->
+EVALUATING (the final projector on every live client's held-out split) -> DONE.
 
 All state lives in the event loop's thread; the gRPC servicer calls into it, and the only work
-sent to a worker thread is aggregation and the commit's disk writes. Every change wakes the
-long-polling clients and status watchers.
+sent to a worker thread is aggregation and disk writes. Every change wakes the long-polling
+clients and status watchers. Who may register is decided in `admission`, who is alive in
+`liveness`, and how a round is aggregated without a bad update in `safe_aggregation`; a
+disk error on a commit never ends the run: the coordinator reports itself unhealthy and
+retries (`_durably`).
 """
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import math
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, replace
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -24,11 +28,15 @@ from torch import Tensor
 
 from fedcmp.common.codec import encode_params, sha256_hex
 from fedcmp.common.constants import POLL_HOLD_S
-from fedcmp.common.projector import describe_shapes, init_projector_params, projector_shapes
+from fedcmp.common.projector import describe_shapes, init_projector_params
 from fedcmp.common.provenance import Backbones
 from fedcmp.common.recipe import Recipe
+from fedcmp.server.admission import (Signature, id_in_use, id_refusal, majority, offer_refusal, pinned_shapes,
+                                     room_for, signature)
 from fedcmp.server.identity import backbone_refusal, run_backbones
-from fedcmp.server.store import CLIENT_ID_PATTERN, RunRecord, RunStore, SpilledUpdates
+from fedcmp.server.liveness import GONE, ClientRecord, Progress, Shapes, is_live, live_ids, sweep, touch
+from fedcmp.server.safe_aggregation import aggregate_safely
+from fedcmp.server.store import RunRecord, RunStore
 from fedcmp.server.strategies import Strategy
 
 if TYPE_CHECKING:
@@ -36,7 +44,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fedcmp.server")
 
-Shapes = dict[str, tuple[int, ...]]
+METRICS_KEPT = 32  # client metric means a round row keeps
+METRIC_NAME_CHARS = 64
+COMMIT_RETRY_FIRST_S = 1.0  # first wait after a commit's disk writes failed; doubles up to
+COMMIT_RETRY_MAX_S = 60.0
 
 
 class Phase(str, Enum):
@@ -49,17 +60,6 @@ class Phase(str, Enum):
 
 class SessionError(PermissionError):
     """A call with an unknown client or a stale session token: the client must register again."""
-
-
-@dataclass
-class ClientRecord:
-    client_id: str
-    num_samples: int
-    num_eval_samples: int
-    token: str
-    last_seen: float
-    state: str = "idle"  # idle, training, uploaded, evaluating, evaluated
-    backbones: Backbones | None = None  # what the client loaded (None: an in-process caller that did not say)
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,7 @@ class Verdict:
     reason: str = ""
     duplicate: bool = False
     token: str = ""
+    retry_after_s: float = 0.0
 
 
 class Coordinator:
@@ -96,11 +97,24 @@ class Coordinator:
         self.record = record if finished or not record.done else replace(record, done=False)
         self.phase = Phase.DONE if finished else Phase.WAITING
         self.round = record.committed_round
+        # The projector shape and backbones: final once a round is committed; before, the shape may be
+        # pinned by the recipe, and both are chosen by the live registrants when round 1 opens
+        # (admission's module doc says why). `self.signature` is set once they are fixed.
+        committed = record.committed_round > 0
+        shapes = {key: tuple(shape) for key, shape in record.projector_shapes.items()}
+        self.shapes: Shapes | None = shapes if committed else pinned_shapes(recipe)
+        self.backbones: Backbones | None = Backbones(**record.backbones) if committed and record.backbones else None
+        self.signature: Signature | None = None
+        if committed:
+            fixed = ClientRecord("", "", 0, 0, "", 0.0, shapes=shapes, backbones=self.backbones)
+            self.signature = signature(fixed)
         self.clients: dict[str, ClientRecord] = {}
         self.selected: list[str] = []
         self.reported: set[str] = set()
         self.evaluations: dict[str, tuple[int, dict[str, float]]] = {}
         self.told_done: set[str] = set()
+        self.healthy = True
+        self.health_message = ""
         self.started = time.monotonic()
         self._round_started = self.started
         self._global_cache: tuple[int, bytes, str] | None = None
@@ -120,82 +134,78 @@ class Coordinator:
             pass
 
     # ---- registration and sessions --------------------------------------------------------
-    @property
-    def backbones(self) -> Backbones | None:
-        """The run's backbones: fixed with the projector signature by the first admitted client."""
-        return Backbones(**self.record.backbones) if self.record.backbones else None
-
-    def register(self, client_id: str, shapes: Shapes, num_samples: int, num_eval_samples: int,
-                 backbones: Backbones | None = None) -> Verdict:
-        """Admit a client whose backbones (when given: the gRPC service always does) and projector fit the run."""
-        if not CLIENT_ID_PATTERN.match(client_id):
-            return Verdict(False, f"client id {client_id!r} is not allowed: use letters, digits, '.', '_', '-' "
-                                  "(max 128 characters)")
-        if num_samples <= 0:
-            return Verdict(False, f"client {client_id} reports {num_samples} training samples; it needs at least 1")
-        refusal = self._check_signature(client_id, shapes)
-        refusal = refusal or (backbone_refusal(client_id, backbones, self.backbones, self.recipe) if backbones else "")
+    def register(self, client_id: str, instance_id: str, shapes: Shapes, num_samples: int,
+                 num_eval_samples: int, backbones: Backbones | None = None) -> Verdict:
+        """Admit a client whose id, backbones (when given: the gRPC service always does) and projector fit the run."""
+        now = time.monotonic()
+        timeout = self.recipe.client_timeout_s
+        samples = "" if num_samples > 0 else f"client {client_id} reports {num_samples} training samples; it needs at least 1"
+        refusal = (id_refusal(client_id) or samples or offer_refusal(self.recipe, client_id, shapes, self.shapes)
+                   or (backbone_refusal(client_id, backbones, self.backbones, self.recipe) if backbones else ""))
         if refusal:
             return Verdict(False, refusal)
-        if not self.record.projector_shapes:
-            self._fix_run(shapes, backbones)
+        refusal, retry_after = id_in_use(self.clients.get(client_id), instance_id, now, timeout)
+        if refusal:
+            return Verdict(False, refusal, retry_after_s=retry_after)
+        refusal, evicted = room_for(self.clients, client_id, self.recipe.max_clients, now, timeout)
+        if refusal:
+            return Verdict(False, refusal)
+        if evicted is not None:
+            log.info("%s takes the place of %s, gone since %.0fs", client_id, evicted, now - self.clients[evicted].last_seen)
+            del self.clients[evicted]
+        previous = self.clients.get(client_id)
+        if previous is not None and previous.instance_id != instance_id:
+            log.info("%s restarted (new client process); it takes its id back", client_id)
         token = secrets.token_hex(16)
-        self.clients[client_id] = ClientRecord(client_id, num_samples, num_eval_samples, token, time.monotonic(),
-                                               backbones=backbones)
+        self.clients[client_id] = ClientRecord(client_id, instance_id, num_samples, num_eval_samples, token, now,
+                                               shapes=dict(shapes), backbones=backbones)
         log.info("registered %s (%d samples, %d held-out; %s)", client_id, num_samples, num_eval_samples,
                  backbones.describe() if backbones else "backbones not given")
         self._notify()
         return Verdict(True, token=token)
 
-    def _check_signature(self, client_id: str, shapes: Shapes) -> str:
-        expected = {key: tuple(shape) for key, shape in self.record.projector_shapes.items()}
-        if not expected:
-            expected = self._signature_from(shapes)
-            if expected is None:
-                return (f"client {client_id} offers projector {describe_shapes(shapes) or '(empty)'}, which is not a "
-                        f"{self.recipe.projector_type} projector as the recipe asks")
-            if expected != shapes:
-                return (f"projector shape mismatch: the recipe's {self.recipe.projector_type} projector has "
-                        f"{describe_shapes(expected)} but client {client_id} has {describe_shapes(shapes)}")
-            return ""
-        if shapes != expected:
-            return (f"projector shape mismatch: the coordinator's projector is {describe_shapes(expected)} but "
-                    f"client {client_id} has {describe_shapes(shapes)}; load the backbones the recipe names "
-                    f"(vision_model={self.recipe.vision_model!r}, llm={self.recipe.llm!r})")
-        return ""
-
-    def _fix_run(self, shapes: Shapes, backbones: Backbones | None) -> None:
-        """The first admitted client fixes the projector signature and the backbones; global v0 is written."""
-        initial = init_projector_params(self.recipe.projector_type, shapes["linear_1.weight"][1],
-                                        shapes["linear_1.weight"][0], self.recipe.seed)
-        run = run_backbones(self.recipe, backbones) if backbones else None
-        self.record = self.store.commit_initial_global(self.record, initial, run)
-        if run is not None:
-            log.info("the run's backbones: %s", run.describe())
-
-    def _signature_from(self, shapes: Shapes) -> Shapes | None:
-        """The recipe's projector shapes for the widths a client's first layer implies."""
-        first = shapes.get("linear_1.weight")
-        if first is None or len(first) != 2:
-            return None
-        return projector_shapes(self.recipe.projector_type, vision_hidden=first[1], text_hidden=first[0])
-
     def authenticate(self, client_id: str, token: str) -> ClientRecord:
         client = self.clients.get(client_id)
         if client is None or not secrets.compare_digest(client.token, token):
             raise SessionError(f"unknown session for client {client_id!r}; register again")
-        client.last_seen = time.monotonic()
+        if touch(client, time.monotonic()):
+            log.info("%s is back", client_id)
+            self._notify()
         return client
+
+    def heartbeat(self, client: ClientRecord, progress: Progress) -> None:
+        """A working client's progress; shown in status (no notification: watchers see it on the next change)."""
+        client.progress = progress
+
+    # ---- liveness ---------------------------------------------------------------------------
+    def live(self) -> set[str]:
+        return live_ids(self.clients.values(), time.monotonic(), self.recipe.client_timeout_s)
+
+    async def _watch_liveness(self) -> None:
+        """Mark silent clients gone; a gone client leaves the open round (its upload, if any, stays)."""
+        period = min(1.0, self.recipe.heartbeat_interval_s)
+        while True:
+            gone = sweep(self.clients.values(), time.monotonic(), self.recipe.client_timeout_s)
+            for client in gone:
+                left = client.client_id in self.selected and client.client_id not in self.reported
+                if left:
+                    self.selected.remove(client.client_id)
+                log.warning("%s is gone (silent for %.0fs)%s", client.client_id, self.recipe.client_timeout_s,
+                            f"; it leaves round {self.round}" if left else "")
+            if gone:
+                self._notify()
+            await asyncio.sleep(period)
 
     # ---- tasks ------------------------------------------------------------------------------
     async def next_task(self, client: ClientRecord, hold_s: float = POLL_HOLD_S) -> TaskSpec:
-        """The client's next task, holding the call up to `hold_s` while there is none."""
-        deadline = time.monotonic() + hold_s
+        """The client's next task, holding the call while there is none (at most a heartbeat interval,
+        so a waiting client is heard from as often as a working one)."""
+        deadline = time.monotonic() + min(hold_s, self.recipe.heartbeat_interval_s)
         while True:
             task = self._task_for(client)
             remaining = deadline - time.monotonic()
             if task.kind != "WAIT" or remaining <= 0:
-                client.last_seen = time.monotonic()
+                touch(client, time.monotonic())
                 return task
             await self._wait_change(remaining)
 
@@ -205,17 +215,19 @@ class Coordinator:
             return TaskSpec("DONE", message="the run is finished")
         if self.phase is Phase.TRAINING and client.client_id in self.selected and client.client_id not in self.reported:
             client.state = "training"
-            return TaskSpec("TRAIN", round=self.round, global_version=self.record.global_version,
-                            local_steps=self.recipe.local_steps_for(client.num_samples))
+            steps = self.recipe.local_steps_for(client.num_samples)
+            client.progress = Progress(round=self.round, total_steps=steps)
+            return TaskSpec("TRAIN", round=self.round, global_version=self.record.global_version, local_steps=steps)
         if self.phase is Phase.EVALUATING and client.client_id not in self.evaluations:
             client.state = "evaluating"
+            client.progress = Progress(round=self.round)
             return TaskSpec("EVALUATE", round=self.round, global_version=self.record.global_version)
         return TaskSpec("WAIT", retry_after_s=0.0, message=f"{self.phase.value.lower()}, round {self.round}")
 
     def global_blob(self, version: int) -> tuple[bytes, str]:
         """The safetensors bytes and sha256 of a committed global version (current one cached)."""
         if self._global_cache is None or self._global_cache[0] != version:
-            if version != self.record.global_version:
+            if version != self.record.global_version or self.shapes is None:
                 raise LookupError(f"global version {version} is not available; the current one is "
                                   f"{self.record.global_version}")
             blob = encode_params(self.store.load_global(version))
@@ -257,18 +269,77 @@ class Coordinator:
         """Drive rounds until DONE; returns when the run is finished (the server keeps serving)."""
         if self.phase is Phase.DONE:
             return
-        while len(self.clients) < self.recipe.min_clients:
-            await self._wait_change(POLL_HOLD_S)
-        for round_index in range(self.record.committed_round + 1, self.recipe.rounds + 1):
-            await self._train_round(round_index)
-        await self._final_evaluation()
+        watchdog = asyncio.create_task(self._watch_liveness())
+        try:
+            for round_index in range(self.record.committed_round + 1, self.recipe.rounds + 1):
+                await self._train_round(round_index)
+            await self._final_evaluation()
+        finally:
+            watchdog.cancel()
+
+    def _candidates(self) -> list[str]:
+        """Live clients with the run's signature (before it is fixed: with the majority's)."""
+        now = time.monotonic()
+        live = [client for client in self.clients.values() if is_live(client, now, self.recipe.client_timeout_s)]
+        reference = self.signature
+        if reference is None:
+            leader = majority(live)
+            reference = signature(leader) if leader else None
+        return sorted(client.client_id for client in live if signature(client) == reference)
+
+    async def _await_clients(self) -> list[str]:
+        """Wait (phase WAITING) until `min_clients` live clients can train; returns them."""
+        while len(candidates := self._candidates()) < self.recipe.min_clients:
+            if self.phase is not Phase.WAITING:
+                self.phase = Phase.WAITING
+                log.info("waiting for %d live clients (%d now)", self.recipe.min_clients, len(candidates))
+                self._notify()
+            await self._wait_change(self.recipe.heartbeat_interval_s)
+        return candidates
+
+    async def _fix_run(self, reference: ClientRecord) -> None:
+        """Make `reference`'s projector shape and backbones the run's, write global v0 from the seed;
+        registrants with another signature must leave."""
+        self.shapes = reference.shapes
+        self.backbones = run_backbones(self.recipe, reference.backbones) if reference.backbones else None
+        self.signature = signature(reference)
+        self.record = await self._durably("write global v0", self._write_initial_global, self.shapes, self.backbones)
+        self._global_cache = None
+        for client in [c for c in self.clients.values() if signature(c) != self.signature]:
+            log.warning("dropping %s: its projector %s or backbones differ from the run's", client.client_id,
+                        describe_shapes(client.shapes))
+            del self.clients[client.client_id]  # its next call fails; registering again says why
+        log.info("projector fixed: %s; backbones: %s", describe_shapes(self.shapes),
+                 self.backbones.describe() if self.backbones else "not given")
+
+    def _write_initial_global(self, shapes: Shapes, backbones: Backbones | None) -> RunRecord:
+        """Global v0 of `shapes` from the recipe's seed, allocated and written in a worker thread."""
+        vision_hidden, text_hidden = shapes["linear_1.weight"][1], shapes["linear_1.weight"][0]
+        initial = init_projector_params(self.recipe.projector_type, vision_hidden, text_hidden, self.recipe.seed)
+        return self.store.commit_initial_global(self.record, initial, backbones)
 
     def _needed(self) -> int:
         return max(1, math.ceil(self.recipe.quorum * len(self.selected)))
 
     async def _train_round(self, round_index: int) -> None:
         self.round = round_index
-        self.selected = choose_clients(self.clients, self.recipe, round_index)
+        while True:
+            candidates = await self._await_clients()
+            if self.signature is None:
+                await self._fix_run(self.clients[candidates[0]])  # candidates share the majority's signature
+            if await self._collect_uploads(round_index):
+                break
+            log.warning("round %d: no selected client uploaded; re-opening it with the live clients", round_index)
+        await self._aggregate_and_commit(round_index)
+
+    async def _collect_uploads(self, round_index: int) -> bool:
+        """Run the TRAINING phase of a round; True when there are uploads to aggregate.
+
+        The round closes when every selected client still in it has uploaded; at its deadline
+        when a quorum of them has; at twice the deadline with whatever uploads there are (live
+        stragglers heartbeat, so they get one more timeout). Gone clients leave the round.
+        """
+        self.selected = choose_clients(self._candidates(), self.recipe, round_index)
         # Uploads spilled before a restart were trained from this same global version: keep them.
         self.reported = {upload.client_id for upload in self.store.uploads(round_index)} & set(self.selected)
         self.phase = Phase.TRAINING
@@ -276,44 +347,54 @@ class Coordinator:
         log.info("round %d/%d: training on %s", round_index, self.recipe.rounds, ", ".join(self.selected))
         self._notify()
         deadline = self._round_started + self.recipe.round_timeout_s
+        last_call = deadline + self.recipe.round_timeout_s
         while not set(self.selected) <= self.reported:
-            if time.monotonic() >= deadline:
-                if len(self.reported) >= self._needed():
-                    log.warning("round %d deadline: aggregating %d of %d selected clients", round_index,
-                                len(self.reported), len(self.selected))
-                    break
-                log.warning("round %d deadline: only %d of %d needed uploads; waiting another %.0fs", round_index,
-                            len(self.reported), self._needed(), self.recipe.round_timeout_s)
-                deadline = time.monotonic() + self.recipe.round_timeout_s
-            await self._wait_change(deadline - time.monotonic())
-        await self._aggregate_and_commit(round_index)
+            now = time.monotonic()
+            if now >= deadline and len(self.reported) >= self._needed():
+                log.warning("round %d deadline: aggregating %d of %d selected clients", round_index,
+                            len(self.reported), len(self.selected))
+                break
+            if now >= last_call:
+                log.warning("round %d: %d of %d needed uploads after %.0fs; closing with what there is",
+                            round_index, len(self.reported), self._needed(), now - self._round_started)
+                break
+            await self._wait_change((deadline if now < deadline else last_call) - now)
+        return bool(self.reported)
 
     async def _aggregate_and_commit(self, round_index: int) -> None:
         self.phase = Phase.AGGREGATING
         self._notify()
         uploads = [upload for upload in self.store.uploads(round_index) if upload.client_id in self.reported]
-        updates = SpilledUpdates(uploads)
         current = self.store.load_global(self.record.global_version)
         began = time.monotonic()
-        new_global = await asyncio.to_thread(self.strategy.aggregate, current, updates)
+        outcome = await asyncio.to_thread(aggregate_safely, self.strategy, current, uploads)
         aggregation_s = time.monotonic() - began
-        metrics = {
+        for client_id, reason in outcome.excluded.items():
+            log.warning("round %d: %s's update is left out: %s", round_index, client_id, reason)
+        new_global = outcome.new_global
+        if new_global is None:
+            log.error("round %d: no update could be aggregated; the global stays as it was", round_index)
+            new_global = current
+        used = [upload for upload in uploads if upload.client_id not in outcome.excluded]
+        row = {
             "round": round_index,
-            "participants": len(uploads),
-            "clients": sorted(upload.client_id for upload in uploads),
+            "participants": len(used),
+            "clients": sorted(upload.client_id for upload in used),
+            "excluded": dict(sorted(outcome.excluded.items())),
             "duration_s": time.monotonic() - self._round_started,
             "aggregation_s": aggregation_s,
-            **weighted_means([(upload.num_samples, upload.metrics) for upload in uploads]),
-            **update_norms(current, new_global),
+            "global_update_norm": update_norm(current, new_global),
+            "metrics": capped(weighted_means([(upload.num_samples, capped(upload.metrics)) for upload in used])),
         }
-        self.record = await asyncio.to_thread(self.store.commit_round, self.record, round_index, new_global,
-                                              self.strategy.state_dict(), metrics)
+        self.record = await self._durably(f"commit round {round_index}", self.store.commit_round, self.record,
+                                          round_index, new_global, self.strategy.state_dict(), row)
         self._global_cache = None
         if self.metrics is not None:
-            self.metrics.round_committed(metrics)
+            self.metrics.round_committed(row)
         for client in self.clients.values():
-            client.state = "idle"
-        log.info("round %d committed: %s", round_index, _summary(metrics))
+            if client.state != GONE:
+                client.state = "idle"
+        log.info("round %d committed: %s", round_index, _summary(row))
         self._notify()
 
     async def _final_evaluation(self) -> None:
@@ -322,14 +403,37 @@ class Coordinator:
         self._round_started = time.monotonic()
         self._notify()
         deadline = self._round_started + self.recipe.round_timeout_s
-        while time.monotonic() < deadline and not set(self.clients) <= set(self.evaluations):
+        while time.monotonic() < deadline and not self.live() <= set(self.evaluations):
             await self._wait_change(deadline - time.monotonic())
-        final = weighted_means(list(self.evaluations.values()))
+        final = capped(weighted_means([(samples, capped(metrics)) for samples, metrics in self.evaluations.values()]))
         final["evaluated_clients"] = float(len(self.evaluations))
-        self.record = await asyncio.to_thread(self.store.commit_final, self.record, final)
+        self.record = await self._durably("commit the final evaluation", self.store.commit_final, self.record, final)
         self.phase = Phase.DONE
         log.info("run finished: %s", _summary(final))
         self._notify()
+
+    async def _durably(self, what: str, write: Callable[..., RunRecord], *args: Any) -> RunRecord:
+        """`write(*args)` in a worker thread, retried with backoff while the disk fails.
+
+        Meanwhile the last commit stays as it was and the coordinator reports itself unhealthy.
+        """
+        delay = COMMIT_RETRY_FIRST_S
+        while True:
+            try:
+                result = await asyncio.to_thread(write, *args)
+            except OSError as error:
+                self.healthy = False
+                self.health_message = (f"cannot {what}: {error.strerror or error}; retrying every {delay:.0f}s "
+                                       f"(the last commit, round {self.record.committed_round}, is intact)")
+                log.error("%s", self.health_message)
+                self._notify()
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, COMMIT_RETRY_MAX_S)
+                continue
+            if not self.healthy:
+                log.info("%s: the disk works again", what)
+                self.healthy, self.health_message = True, ""
+            return result
 
     # ---- status ------------------------------------------------------------------------------
     def eta_s(self) -> float:
@@ -373,11 +477,22 @@ def weighted_means(rows: list[tuple[int, dict[str, float]]]) -> dict[str, float]
     return {key: sums[key] / weights[key] for key in sorted(sums) if weights[key] > 0}
 
 
-def update_norms(old: dict[str, Tensor], new: dict[str, Tensor]) -> dict[str, float]:
+def capped(metrics: dict[str, Any]) -> dict[str, float]:
+    """The first METRICS_KEPT numeric entries of a metrics map by name (names up to METRIC_NAME_CHARS).
+
+    Round rows and status keep no more, whatever maps the clients send.
+    """
+    numeric = ((key, float(value)) for key, value in metrics.items()
+               if isinstance(value, (int, float)) and len(key) <= METRIC_NAME_CHARS)
+    return dict(heapq.nsmallest(METRICS_KEPT, numeric))
+
+
+def update_norm(old: dict[str, Tensor], new: dict[str, Tensor]) -> float:
     """Size of the committed global step, for watching oscillation: ||W_{t+1} - W_t||_F over all tensors."""
-    squared = sum(float((new[key] - old[key]).pow(2).sum()) for key in old)
-    return {"global_update_norm": math.sqrt(squared)}
+    return math.sqrt(sum(float((new[key] - old[key]).pow(2).sum()) for key in old))
 
 
-def _summary(metrics: dict[str, Any]) -> str:
-    return ", ".join(f"{key}={value:.4g}" for key, value in metrics.items() if isinstance(value, float))
+def _summary(values: dict[str, Any]) -> str:
+    """The float values of a round row (its client metrics included) or of the final metrics, for the log."""
+    floats = {**{key: value for key, value in values.items() if isinstance(value, float)}, **values.get("metrics", {})}
+    return ", ".join(f"{key}={value:.4g}" for key, value in floats.items())

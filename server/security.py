@@ -1,9 +1,15 @@
 """Transport security and client authentication for the coordinator: TLS / mutual TLS, bearer tokens.
 
-Tokens file (`--auth-tokens`): one `CLIENT_ID TOKEN` pair per line, `#` starts a comment. Every
-Coordinator RPC except the read-only status calls must carry `authorization: Bearer TOKEN`
-(checked by `BearerTokenInterceptor`); `Register` additionally requires the token to belong to
-the client id it registers, so one site's token cannot impersonate another site.
+Tokens file (`--auth-tokens`): one `OWNER TOKEN` pair per line, `#` starts a comment. OWNER is
+a client id, or `operator:NAME` for a person or tool that watches the run. Every call carries
+`authorization: Bearer TOKEN` (checked by `BearerTokenInterceptor`):
+
+- the client calls (Register, PollTask, uploads, ...) need a client's token, and `Register`
+  additionally requires it to belong to the client id it registers, so one site's token cannot
+  impersonate another site;
+- GetStatus, WatchStatus and server reflection need an operator's token (they show every
+  client's id, sample counts and losses), unless the coordinator runs with `--public-status`;
+- the health service stays open, for load balancers and probes.
 """
 from __future__ import annotations
 
@@ -15,12 +21,13 @@ import grpc
 
 from fedcmp.common.security import SecurityConfigError, read_file
 
-OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.", "/fedcmp.v1.Coordinator/GetStatus",
-                "/fedcmp.v1.Coordinator/WatchStatus")
+OPEN_METHODS = ("/grpc.health.v1.Health/",)
+OPERATOR_METHODS = ("/grpc.reflection.", "/fedcmp.v1.Coordinator/GetStatus", "/fedcmp.v1.Coordinator/WatchStatus")
+OPERATOR_PREFIX = "operator:"  # owners of operator tokens; client ids cannot contain ':'
 
 
 def load_tokens(path: Path) -> dict[str, str]:
-    """token -> client id, from a `CLIENT_ID TOKEN` per line file."""
+    """token -> owner (a client id or `operator:NAME`), from an `OWNER TOKEN` per line file."""
     tokens: dict[str, str] = {}
     for number, raw in enumerate(read_file(path, "tokens file").decode().splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()
@@ -28,7 +35,8 @@ def load_tokens(path: Path) -> dict[str, str]:
             continue
         parts = line.split()
         if len(parts) != 2:
-            raise SecurityConfigError(f"{path}:{number}: expected 'CLIENT_ID TOKEN', got {len(parts)} fields")
+            raise SecurityConfigError(f"{path}:{number}: expected 'CLIENT_ID TOKEN' or 'operator:NAME TOKEN', "
+                                      f"got {len(parts)} fields")
         client_id, token = parts
         if len(token) < 16:
             raise SecurityConfigError(f"{path}:{number}: the token of {client_id} is shorter than 16 characters")
@@ -56,29 +64,40 @@ def token_owner(tokens: dict[str, str], token: str) -> str | None:
     return owner
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """Rejects Coordinator calls without a known bearer token (status, health, reflection stay open)."""
+def is_operator(owner: str | None) -> bool:
+    return owner is not None and owner.startswith(OPERATOR_PREFIX)
 
-    def __init__(self, tokens: dict[str, str]) -> None:
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Rejects calls without the right kind of bearer token: a client's, or for status an operator's."""
+
+    def __init__(self, tokens: dict[str, str], public_status: bool = False) -> None:
         self.tokens = tokens
+        self.public_status = public_status
 
     async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
                                 handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         method = handler_call_details.method
-        if method.startswith(OPEN_METHODS):
+        if method.startswith(OPEN_METHODS) or (self.public_status and method.startswith(OPERATOR_METHODS)):
             return await continuation(handler_call_details)
-        if token_owner(self.tokens, bearer_token(handler_call_details.invocation_metadata)) is None:
-            return _refusal(await continuation(handler_call_details))
-        return await continuation(handler_call_details)
+        owner = token_owner(self.tokens, bearer_token(handler_call_details.invocation_metadata))
+        if method.startswith(OPERATOR_METHODS):
+            refusal = "" if is_operator(owner) else \
+                "status needs an operator's bearer token (fedcmp-status --token-file; 'operator:NAME TOKEN' lines)"
+        else:
+            refusal = "" if owner is not None and not is_operator(owner) else \
+                "missing or unknown client bearer token (see --token-file)"
+        handler = await continuation(handler_call_details)
+        return _refusal(handler, refusal) if refusal else handler
 
 
-def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same streaming shape that fails with UNAUTHENTICATED."""
     async def deny(request_or_iterator, context: grpc.aio.ServicerContext):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token (see --token-file)")
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     async def deny_stream(request_or_iterator, context: grpc.aio.ServicerContext):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or unknown bearer token (see --token-file)")
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover - makes this an async generator for server-streaming methods
 
     if handler.unary_unary:

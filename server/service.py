@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -19,12 +20,18 @@ from fedcmp.common.constants import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from fedcmp.common.provenance import Backbones
 from fedcmp.common.wire import coordinator_pb2 as pb
 from fedcmp.common.wire import coordinator_pb2_grpc as pb_grpc
-from fedcmp.server.rounds import ClientRecord, Coordinator, SessionError, TaskSpec
+from fedcmp.server.liveness import ClientRecord, Progress
+from fedcmp.server.rounds import Coordinator, SessionError, TaskSpec, capped
 from fedcmp.server.security import BearerTokenInterceptor, bearer_token, token_owner
 
 log = logging.getLogger("fedcmp.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+
+# Status stays far below fedcmp-status's 4 MiB receive limit, whatever the clients send or how many register.
+STATUS_CLIENTS = 1000  # clients (and selected / reported / excluded ids) listed
+STATUS_ROUNDS = 200  # most recent rounds in the history
+STATUS_TEXT = 200  # characters of an exclusion reason
 
 
 class CoordinatorService(pb_grpc.CoordinatorServicer):
@@ -54,16 +61,23 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
                                     f"this bearer token does not belong to client {request.client_id!r}")
         shapes = {spec.name: tuple(spec.shape) for spec in request.projector}
         backbones = Backbones(request.vision_model, request.llm, request.vision_fingerprint, request.llm_fingerprint)
-        verdict = self.coordinator.register(request.client_id, shapes, request.num_samples, request.num_eval_samples,
-                                            backbones)
+        verdict = self.coordinator.register(request.client_id, request.instance_id, shapes, request.num_samples,
+                                            request.num_eval_samples, backbones)
         if not verdict.accepted:
-            log.warning("refused %s: %s", request.client_id, verdict.reason)
+            log.warning("refused %r: %s", request.client_id, verdict.reason)
         return pb.RegisterReply(accepted=verdict.accepted, reason=verdict.reason, session_token=verdict.token,
-                                recipe_json=self.coordinator.recipe.to_json() if verdict.accepted else "")
+                                recipe_json=self.coordinator.recipe.to_json() if verdict.accepted else "",
+                                retry_after_s=verdict.retry_after_s)
 
     async def PollTask(self, request: pb.PollTaskRequest, context: grpc.aio.ServicerContext) -> pb.Task:
         client = await self._session(request.client_id, request.session_token, context)
         return task_message(await self.coordinator.next_task(client))
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.aio.ServicerContext) -> pb.HeartbeatAck:
+        client = await self._session(request.client_id, request.session_token, context)
+        self.coordinator.heartbeat(client, Progress(round=request.round, step=request.step,
+                                                    total_steps=request.total_steps, last_loss=request.last_loss))
+        return pb.HeartbeatAck()
 
     async def DownloadProjector(self, request: pb.DownloadRequest,
                                 context: grpc.aio.ServicerContext) -> AsyncIterator[pb.BlobChunk]:
@@ -135,8 +149,10 @@ def task_message(task: TaskSpec) -> pb.Task:
 
 
 def status_message(coordinator: Coordinator) -> pb.Status:
+    """The run as operators see it, bounded in size whatever the clients did (STATUS_* caps)."""
     now = time.monotonic()
     record = coordinator.record
+    clients = sorted(coordinator.clients.values(), key=lambda c: c.client_id)
     return pb.Status(
         phase=coordinator.phase.value,
         round=coordinator.round,
@@ -144,19 +160,30 @@ def status_message(coordinator: Coordinator) -> pb.Status:
         global_version=record.global_version,
         strategy=coordinator.strategy.name,
         clients=[pb.ClientInfo(client_id=c.client_id, num_samples=c.num_samples, state=c.state,
-                               last_seen_s=now - c.last_seen, backbones=backbones_message(c.backbones))
-                 for c in sorted(coordinator.clients.values(), key=lambda c: c.client_id)],
-        selected=coordinator.selected,
-        reported=sorted(coordinator.reported),
-        history=[pb.RoundMetrics(round=row["round"], participants=row["participants"], duration_s=row["duration_s"],
-                                 metrics={k: float(v) for k, v in row.items()
-                                          if isinstance(v, (int, float)) and k not in ("round", "participants")})
-                 for row in record.history],
+                               last_seen_s=now - c.last_seen, backbones=backbones_message(c.backbones),
+                               round=c.progress.round, step=c.progress.step, total_steps=c.progress.total_steps,
+                               last_loss=c.progress.last_loss)
+                 for c in clients[:STATUS_CLIENTS]],
+        clients_total=len(clients),
+        selected=coordinator.selected[:STATUS_CLIENTS],
+        reported=sorted(coordinator.reported)[:STATUS_CLIENTS],
+        history=[round_message(row) for row in record.history[-STATUS_ROUNDS:]],
         eta_s=coordinator.eta_s(),
         uptime_s=now - coordinator.started,
-        final_metrics=record.final_metrics,
+        final_metrics=capped(record.final_metrics),
         backbones=backbones_message(coordinator.backbones),
+        healthy=coordinator.healthy,
+        health_message=coordinator.health_message,
     )
+
+
+def round_message(row: dict[str, Any]) -> pb.RoundMetrics:
+    """A committed round's row: server fields, client metric means (under "metrics"; capped), exclusions."""
+    timings = {key: float(row[key]) for key in ("aggregation_s", "global_update_norm") if key in row}
+    return pb.RoundMetrics(round=row["round"], participants=row["participants"], duration_s=row["duration_s"],
+                           metrics={**capped(row.get("metrics", {})), **timings},
+                           excluded={client_id: reason[:STATUS_TEXT] for client_id, reason
+                                     in list(row.get("excluded", {}).items())[:STATUS_CLIENTS]})
 
 
 def backbones_message(backbones: Backbones | None) -> pb.Backbones | None:
@@ -164,15 +191,16 @@ def backbones_message(backbones: Backbones | None) -> pb.Backbones | None:
 
 
 def build_server(coordinator: Coordinator, bind: str, credentials: grpc.ServerCredentials | None = None,
-                 tokens: dict[str, str] | None = None) -> tuple[grpc.aio.Server, int]:
+                 tokens: dict[str, str] | None = None, public_status: bool = False) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server with the Coordinator, health and reflection services, bound to `bind`.
 
     With `credentials` it serves TLS (mutual TLS when they require client certificates); with
-    `tokens` every non-status Coordinator call needs a known bearer token.
+    `tokens` every call but health needs a bearer token: a client's, or for status and reflection
+    an operator's unless `public_status`.
     """
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
-    interceptors = (BearerTokenInterceptor(tokens),) if tokens is not None else ()
+    interceptors = (BearerTokenInterceptor(tokens, public_status),) if tokens is not None else ()
     server = grpc.aio.server(options=options, interceptors=interceptors)
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator, tokens), server)
     health_servicer = health.aio.HealthServicer()

@@ -32,7 +32,7 @@ from fedcmp.common.provenance import Backbones, ProjectorProvenance
 from fedcmp.common.recipe import Recipe
 from fedcmp.server.strategies import ClientUpdate
 
-CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # use with fullmatch
 
 
 class StateError(RuntimeError):
@@ -164,9 +164,16 @@ class RunStore:
     def load_global(self, version: int) -> dict[str, Tensor]:
         return load_params_file(self.global_path(version))
 
+    def save_recipe_json(self, recipe_json: str) -> None:
+        """Replace the stored recipe (a resume that changed operational fields)."""
+        write_atomic(self.recipe_file, recipe_json.encode())
+
     def load_strategy_state(self, round_index: int) -> dict[str, Tensor]:
+        """The strategy state committed with round `round_index` (>= 1; before it there is none)."""
         path = self.strategy_path(round_index)
-        return load_params_file(path) if path.exists() else {}
+        if not path.exists():
+            raise StateError(f"{path} is missing: round {round_index} was committed without its strategy state")
+        return load_params_file(path)
 
     def commit_round(self, record: RunRecord, round_index: int, new_global: dict[str, Tensor],
                      strategy_state: dict[str, Tensor], round_metrics: dict[str, Any]) -> RunRecord:
@@ -190,7 +197,7 @@ class RunStore:
 
     # ---- uploads ------------------------------------------------------------------------
     def upload_path(self, round_index: int, client_id: str) -> Path:
-        if not CLIENT_ID_PATTERN.match(client_id):
+        if not CLIENT_ID_PATTERN.fullmatch(client_id):
             raise ValueError(f"client id {client_id!r} is not a safe name (letters, digits, . _ -; max 128)")
         return self.upload_dir(round_index) / f"{client_id}.safetensors"
 

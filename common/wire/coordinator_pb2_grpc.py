@@ -64,6 +64,11 @@ class CoordinatorStub:
                 request_serializer=fedcmp_dot_v1_dot_coordinator__pb2.EvaluationReport.SerializeToString,
                 response_deserializer=fedcmp_dot_v1_dot_coordinator__pb2.EvaluationAck.FromString,
                 _registered_method=True)
+        self.Heartbeat = channel.unary_unary(
+                '/fedcmp.v1.Coordinator/Heartbeat',
+                request_serializer=fedcmp_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=fedcmp_dot_v1_dot_coordinator__pb2.HeartbeatAck.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/fedcmp.v1.Coordinator/GetStatus',
                 request_serializer=fedcmp_dot_v1_dot_coordinator__pb2.StatusRequest.SerializeToString,
@@ -122,8 +127,16 @@ class CoordinatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeat(self, request, context):
+        """Sent every heartbeat_interval_s while a client works on a task: it is alive, and how far it got.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStatus(self, request, context):
-        """Operators: a snapshot, or a stream of snapshots on every change.
+        """Operators: a snapshot, or a stream of snapshots on every change (an operator token when
+        the coordinator uses bearer tokens, unless it runs with --public-status).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -167,6 +180,11 @@ def add_CoordinatorServicer_to_server(servicer, server):
                     servicer.ReportEvaluation,
                     request_deserializer=fedcmp_dot_v1_dot_coordinator__pb2.EvaluationReport.FromString,
                     response_serializer=fedcmp_dot_v1_dot_coordinator__pb2.EvaluationAck.SerializeToString,
+            ),
+            'Heartbeat': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heartbeat,
+                    request_deserializer=fedcmp_dot_v1_dot_coordinator__pb2.HeartbeatRequest.FromString,
+                    response_serializer=fedcmp_dot_v1_dot_coordinator__pb2.HeartbeatAck.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -341,6 +359,33 @@ class Coordinator:
             '/fedcmp.v1.Coordinator/ReportEvaluation',
             fedcmp_dot_v1_dot_coordinator__pb2.EvaluationReport.SerializeToString,
             fedcmp_dot_v1_dot_coordinator__pb2.EvaluationAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedcmp.v1.Coordinator/Heartbeat',
+            fedcmp_dot_v1_dot_coordinator__pb2.HeartbeatRequest.SerializeToString,
+            fedcmp_dot_v1_dot_coordinator__pb2.HeartbeatAck.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,6 +1,8 @@
 """Blob codec: safetensors round trip, chunking, integrity checks, atomic files."""
 from __future__ import annotations
 
+import errno
+
 import pytest
 import torch
 
@@ -67,3 +69,18 @@ def test_file_round_trip_and_missing_file(tmp_path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["p.safetensors"]  # no temp files left behind
     with pytest.raises(BlobIntegrityError, match="cannot read"):
         load_params_file(tmp_path / "absent.safetensors")
+
+
+def test_a_failed_atomic_write_leaves_no_temp_file(tmp_path, monkeypatch) -> None:
+    from fedcmp.common import codec
+
+    target = tmp_path / "run.json"
+    codec.write_atomic(target, b"old")
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(codec.os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        codec.write_atomic(target, b"new")
+    assert target.read_bytes() == b"old" and sorted(path.name for path in tmp_path.iterdir()) == ["run.json"]

@@ -31,7 +31,7 @@ def test_two_clients_two_rounds_lower_the_held_out_loss(processes, two_client_da
 
     record = json.loads((state / "run.json").read_text())
     assert record["done"] and record["committed_round"] == 2 and record["strategy"] == strategy
-    before = record["history"][0]["val_loss"]  # held-out loss of the initial global, measured by the clients
+    before = record["history"][0]["metrics"]["val_loss"]  # held-out loss of the initial global, measured by the clients
     after = record["final_metrics"]["val_loss"]  # held-out loss of the final global
     assert after < before - 0.02, (before, after)
     assert [row["participants"] for row in record["history"]] == [2, 2]

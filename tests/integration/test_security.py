@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from fedcmp.common.constants import EXIT_REFUSED
+from fedcmp.common.constants import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE
+
+BIN = Path(sys.executable).parent
 
 TOKEN = "t0k3n-for-client-0-" + "x" * 16
+OPERATOR_TOKEN = "t0k3n-for-an-operator-" + "z" * 16
 
 
 def openssl(*args: str, cwd: Path) -> None:
@@ -28,8 +32,9 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (root / f"{name}.ext").write_text(extension + "\n")
         openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
                 "-out", f"{name}.pem", "-days", "1", "-extfile", f"{name}.ext", cwd=root)
-    (root / "tokens").write_text(f"client_0 {TOKEN}\n")
+    (root / "tokens").write_text(f"client_0 {TOKEN}\noperator:alice {OPERATOR_TOKEN}\n")
     (root / "good.token").write_text(TOKEN)
+    (root / "operator.token").write_text(OPERATOR_TOKEN)
     (root / "bad.token").write_text("not-the-token-" + "y" * 16)
     return root
 
@@ -59,3 +64,25 @@ def test_mutual_tls_with_tokens(processes, two_client_data: Path, tmp_path: Path
     assert processes.wait(honest) == 0, honest.log_path.read_text()[-2000:]
     assert processes.wait(server) == 0
     assert json.loads((state / "run.json").read_text())["done"]
+
+
+def test_tokens_over_plaintext_are_warned_about_and_status_needs_an_operator(processes, two_client_data: Path,
+                                                                            tmp_path: Path, pki: Path) -> None:
+    server, address = processes.server(tmp_path / "state", "--auth-tokens", str(pki / "tokens"))
+    assert "bearer tokens over PLAINTEXT" in server.log_path.read_text()
+
+    def status(*flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "fedcmp-status"), "--server", address, "--json", *flags],
+                              capture_output=True, text=True, timeout=60)
+
+    anonymous, client, operator = status(), status("--token-file", str(pki / "good.token")), \
+        status("--token-file", str(pki / "operator.token"))
+    assert anonymous.returncode == client.returncode == EXIT_UNAVAILABLE
+    assert "UNAUTHENTICATED" in anonymous.stderr and "operator's bearer token" in client.stderr
+    assert operator.returncode == EXIT_OK and json.loads(operator.stdout)["phase"] == "WAITING"
+    assert "PLAINTEXT" in operator.stderr
+    # A client sending its token without TLS warns before it even reaches a coordinator.
+    plain = processes.client("plain", "127.0.0.1:1", two_client_data / "client_0", "--token-file",
+                             str(pki / "good.token"), "--reconnect-budget", "1")
+    assert processes.wait(plain, timeout=120) == EXIT_UNAVAILABLE
+    assert "sending the bearer token over PLAINTEXT" in plain.log_path.read_text()

@@ -33,6 +33,6 @@ def test_simulated_run_equals_the_networked_run(processes, two_client_data: Path
     for key in networked:
         assert torch.equal(networked[key], result.global_params[key]), key
     for real_row, sim_row in zip(history, result.rounds, strict=True):
-        assert real_row["train_loss"] == sim_row["train_loss"]
-        assert real_row["val_loss"] == sim_row["val_loss"]
+        assert real_row["metrics"]["train_loss"] == sim_row["train_loss"]
+        assert real_row["metrics"]["val_loss"] == sim_row["val_loss"]
     assert "test_nll" in result.final and "test_retrieval" in result.final

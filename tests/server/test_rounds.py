@@ -11,7 +11,7 @@ from fedcmp.common.projector import projector_shapes
 from fedcmp.common.recipe import Recipe
 from fedcmp.server.rounds import Coordinator, Phase, SessionError
 from fedcmp.server.store import RunStore
-from fedcmp.server.strategies import build_strategy
+from fedcmp.server.cli import open_strategy
 
 SHAPES = projector_shapes("mlp2x_gelu", vision_hidden=6, text_hidden=8)
 
@@ -20,9 +20,7 @@ def make_coordinator(tmp_path, **recipe_fields) -> Coordinator:
     recipe = Recipe(**{"rounds": 2, "min_clients": 2, "round_timeout_s": 30.0, **recipe_fields})
     store = RunStore(tmp_path)
     record = store.load() if store.has_run() else store.create(recipe.to_json(), recipe.strategy)
-    strategy = build_strategy(recipe.strategy, recipe.strategy_params)
-    strategy.load_state_dict(store.load_strategy_state(record.committed_round))
-    return Coordinator(recipe, store, strategy, record)
+    return Coordinator(recipe, store, open_strategy(recipe, store, record), record)
 
 
 async def _chunks(blob: bytes):
@@ -32,7 +30,7 @@ async def _chunks(blob: bytes):
 
 async def act_as_client(coordinator: Coordinator, client_id: str, shift: float, num_samples: int) -> list[str]:
     """Register, then answer tasks like a client whose training adds `shift` to every weight."""
-    verdict = coordinator.register(client_id, dict(SHAPES), num_samples, 5)
+    verdict = coordinator.register(client_id, f"{client_id}-process", dict(SHAPES), num_samples, 5)
     assert verdict.accepted, verdict.reason
     client = coordinator.authenticate(client_id, verdict.token)
     kinds = []
@@ -76,36 +74,36 @@ def test_a_run_goes_to_done_with_fedavg_of_the_uploads(tmp_path) -> None:
     assert torch.allclose(end["linear_1.bias"] - start["linear_1.bias"], torch.full((8,), 3.25))
     first = record.history[0]
     assert first["participants"] == 2 and first["clients"] == ["a", "b"]
-    assert first["train_loss"] == pytest.approx((1.0 * 10 + 4.0 * 30) / 40)
+    assert first["metrics"]["train_loss"] == pytest.approx((1.0 * 10 + 4.0 * 30) / 40)
     assert record.final_metrics["val_loss"] == pytest.approx(0.1)
 
 
 def test_a_mismatched_projector_is_refused_naming_both_shapes(tmp_path) -> None:
-    coordinator = make_coordinator(tmp_path)
-    assert coordinator.register("first", dict(SHAPES), 10, 1).accepted
+    coordinator = make_coordinator(tmp_path, vision_hidden=6, text_hidden=8)  # widths pinned: the shape is fixed
+    assert coordinator.register("first", "p1", dict(SHAPES), 10, 1).accepted
     other = projector_shapes("mlp2x_gelu", vision_hidden=12, text_hidden=8)
-    verdict = coordinator.register("second", other, 10, 1)
+    verdict = coordinator.register("second", "p2", other, 10, 1)
     assert not verdict.accepted
     assert "linear_1.weight[8x6]" in verdict.reason and "linear_1.weight[8x12]" in verdict.reason
 
 
 def test_the_first_client_must_match_the_recipes_projector_type(tmp_path) -> None:
     coordinator = make_coordinator(tmp_path, projector_type="linear")
-    verdict = coordinator.register("first", dict(SHAPES), 10, 1)
+    verdict = coordinator.register("first", "p1", dict(SHAPES), 10, 1)
     assert not verdict.accepted and "linear projector has linear_1.bias[8], linear_1.weight[8x6]" in verdict.reason
 
 
 @pytest.mark.parametrize("client_id, samples, message", [
-    ("../x", 10, "not allowed"), ("ok", 0, "needs at least 1")])
+    ("../x", 10, "not allowed"), ("ok\n", 10, "not allowed"), ("ok", 0, "needs at least 1")])
 def test_bad_registrations(tmp_path, client_id, samples, message) -> None:
-    verdict = make_coordinator(tmp_path).register(client_id, dict(SHAPES), samples, 1)
+    verdict = make_coordinator(tmp_path).register(client_id, "p1", dict(SHAPES), samples, 1)
     assert not verdict.accepted and message in verdict.reason
 
 
 def test_stale_tokens_are_rejected(tmp_path) -> None:
     coordinator = make_coordinator(tmp_path)
-    verdict = coordinator.register("a", dict(SHAPES), 10, 1)
-    coordinator.register("a", dict(SHAPES), 10, 1)  # the client restarted: the old token is void
+    verdict = coordinator.register("a", "p1", dict(SHAPES), 10, 1)
+    coordinator.register("a", "p1", dict(SHAPES), 10, 1)  # the client lost its session: the old token is void
     with pytest.raises(SessionError, match="register again"):
         coordinator.authenticate("a", verdict.token)
 
@@ -134,7 +132,7 @@ def test_resume_continues_at_the_next_round(tmp_path) -> None:
 
 def test_uploads_outside_the_open_round_are_refused(tmp_path) -> None:
     coordinator = make_coordinator(tmp_path)
-    verdict = coordinator.register("a", dict(SHAPES), 10, 1)
+    verdict = coordinator.register("a", "p1", dict(SHAPES), 10, 1)
     client = coordinator.authenticate("a", verdict.token)
     refusal = coordinator.check_upload(client, 1, 0)
     assert refusal is not None and not refusal.accepted and "not open" in refusal.reason

@@ -1,0 +1,71 @@
+"""`fedcmp-server`'s start-up: recipe flags, --resume (before and after a commit), unusable state dirs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fedcmp.common.constants import EXIT_USAGE
+from fedcmp.common.recipe import Recipe, RecipeError
+from fedcmp.server.cli import main, open_run, parse_args
+from fedcmp.server.store import RunStore
+from fedcmp.server.strategies import available_strategies
+
+
+def start(state, *flags: str):
+    return open_run(parse_args(["--state-dir", str(state), *flags]))
+
+
+@pytest.mark.parametrize("strategy", available_strategies())
+def test_resume_before_the_first_commit_works_for_every_strategy(tmp_path, strategy) -> None:
+    start(tmp_path, "--strategy", strategy, "--rounds", "2")
+    coordinator = start(tmp_path, "--resume")
+    assert coordinator.strategy.name == strategy and coordinator.round == 0
+    # The fresh strategy aggregates (its state was not half-loaded from nothing).
+    base = {"w": torch.zeros(3, 2)}
+    from fedcmp.server.strategies import ClientUpdate
+
+    updates = [ClientUpdate("a", 4, {"w": torch.ones(3, 2)}, {}), ClientUpdate("b", 4, {"w": torch.ones(3, 2)}, {})]
+    assert torch.isfinite(coordinator.strategy.aggregate(base, updates)["w"]).all()
+
+
+def test_resume_may_change_operational_fields_and_keeps_them(tmp_path) -> None:
+    start(tmp_path, "--min-clients", "4", "--quorum", "1.0")
+    coordinator = start(tmp_path, "--resume", "--min-clients", "2", "--quorum", "0.5", "--client-timeout", "30",
+                        "--rounds", "9", "--max-clients", "5")
+    recipe = coordinator.recipe
+    assert (recipe.min_clients, recipe.quorum, recipe.client_timeout_s, recipe.rounds, recipe.max_clients) == \
+        (2, 0.5, 30.0, 9, 5)
+    again = start(tmp_path, "--resume")  # a second resume continues with the changed values
+    assert again.recipe == recipe
+
+
+@pytest.mark.parametrize("flags, named", [
+    (("--lr", "0.5"), "lr"),
+    (("--projector-type", "linear", "--batch-size", "3"), "batch_size, projector_type"),
+    (("--set", "strategy_params.beta=0.1"), "strategy_params"),
+])
+def test_resume_refuses_fields_that_define_the_training(tmp_path, flags, named) -> None:
+    start(tmp_path, "--strategy", "fedavgm")
+    with pytest.raises(RecipeError, match=f"--resume cannot change {named}: they define the model"):
+        start(tmp_path, "--resume", *flags)
+    assert Recipe.from_json(RunStore(tmp_path).load_recipe_json()).lr == Recipe().lr
+
+
+def test_resume_with_a_config_file_compares_field_by_field(tmp_path) -> None:
+    start(tmp_path, "--strategy", "fedavgm", "--rounds", "3")
+    config = tmp_path.parent / f"{tmp_path.name}.json"
+    config.write_text(json.dumps({"strategy": "fedavgm", "rounds": 5, "quorum": 0.75}))
+    assert start(tmp_path, "--resume", "--config", str(config)).recipe.rounds == 5
+    config.write_text(json.dumps({"rounds": 5}))
+    with pytest.raises(RecipeError, match="cannot change strategy"):
+        start(tmp_path, "--resume", "--config", str(config))
+
+
+def test_an_unusable_state_dir_is_a_usage_error(tmp_path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert main(["--state-dir", str(blocker / "state"), "--port", "0"]) == EXIT_USAGE
+    error = capsys.readouterr().err
+    assert f"--state-dir {blocker / 'state'} is not usable: Not a directory" in error

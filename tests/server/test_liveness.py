@@ -1,0 +1,175 @@
+"""Liveness in the round state machine: silent clients are gone, rounds close without them, never hang."""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from fedcmp.common.codec import decode_params, encode_params, sha256_hex
+from fedcmp.server.liveness import GONE, ClientRecord, Progress, sweep, touch
+from fedcmp.server.rounds import Coordinator, Phase
+
+from .test_rounds import SHAPES, _chunks, act_as_client, make_coordinator
+
+FAST = {"heartbeat_interval_s": 0.05, "client_timeout_s": 0.3}
+GUARD_S = 30.0  # a hang guard only; the scenarios finish in about a second
+
+
+class ManualClient:
+    """A client whose every move the test makes; it stays alive only while `keep_alive` runs."""
+
+    def __init__(self, coordinator: Coordinator, client_id: str, instance_id: str = "") -> None:
+        self.coordinator = coordinator
+        self.client_id = client_id
+        verdict = coordinator.register(client_id, instance_id or f"{client_id}-process", dict(SHAPES), 10, 5)
+        assert verdict.accepted, verdict.reason
+        self.token = verdict.token
+        self._pinger: asyncio.Task | None = None
+
+    def call(self) -> ClientRecord:
+        return self.coordinator.authenticate(self.client_id, self.token)
+
+    def keep_alive(self) -> None:
+        async def ping() -> None:
+            while True:
+                self.call()
+                await asyncio.sleep(0.02)
+
+        self._pinger = asyncio.create_task(ping())
+
+    def die(self) -> None:
+        if self._pinger is not None:
+            self._pinger.cancel()
+
+    async def train(self, expect_round: int, shift: float = 1.0, metrics: dict[str, float] | None = None) -> None:
+        client = self.call()
+        task = await self.coordinator.next_task(client, hold_s=0.05)
+        assert (task.kind, task.round) == ("TRAIN", expect_round), task
+        blob_bytes, _ = self.coordinator.global_blob(task.global_version)
+        blob = encode_params({k: v + shift for k, v in decode_params(blob_bytes).items()})
+        await self.coordinator.store.spill_upload(task.round, self.client_id, 10, metrics or {"train_loss": shift},
+                                                  len(blob), sha256_hex(blob), _chunks(blob))
+        self.coordinator.upload_accepted(client, task.round)
+
+    async def poll(self) -> str:
+        return (await self.coordinator.next_task(self.call(), hold_s=0.05)).kind
+
+
+async def until(condition, what: str) -> None:
+    async def wait() -> None:
+        while not condition():
+            await asyncio.sleep(0.01)
+
+    try:
+        await asyncio.wait_for(wait(), GUARD_S)
+    except asyncio.TimeoutError:
+        pytest.fail(f"timed out waiting for {what}")
+
+
+def test_sweep_and_touch() -> None:
+    client = ClientRecord("a", "p", 1, 1, "t", last_seen=0.0)
+    assert sweep([client], now=0.5, timeout_s=1.0) == [] and client.state == "idle"
+    assert sweep([client], now=2.0, timeout_s=1.0) == [client] and client.state == GONE
+    assert sweep([client], now=3.0, timeout_s=1.0) == []  # gone once
+    assert touch(client, 3.0) and client.state == "idle" and not touch(client, 3.1)
+
+
+def test_a_client_that_dies_mid_round_is_gone_and_the_run_finishes_without_it(tmp_path) -> None:
+    """The default quorum (1.0) no longer waits for a dead client, nor does the final evaluation."""
+    async def scenario() -> Coordinator:
+        coordinator = make_coordinator(tmp_path, rounds=1, round_timeout_s=600.0, **FAST)
+        dead = ManualClient(coordinator, "b")
+        run = asyncio.create_task(coordinator.run())
+        alive = asyncio.create_task(act_as_client(coordinator, "a", 1.0, 10))
+        await until(lambda: coordinator.phase is Phase.TRAINING, "round 1")
+        assert (await coordinator.next_task(dead.call(), hold_s=0.05)).kind == "TRAIN"
+        # b never calls again: it is gone after client_timeout_s, round 1 closes with a alone.
+        await asyncio.wait_for(asyncio.gather(run, alive), GUARD_S)
+        return coordinator
+
+    coordinator = asyncio.run(scenario())
+    assert coordinator.phase is Phase.DONE and coordinator.clients["b"].state == GONE
+    assert coordinator.record.history[0]["clients"] == ["a"]
+    assert coordinator.record.final_metrics["evaluated_clients"] == 1.0
+
+
+def test_a_gone_client_is_not_selected_until_it_returns(tmp_path) -> None:
+    async def scenario() -> Coordinator:
+        coordinator = make_coordinator(tmp_path, rounds=3, min_clients=1, round_timeout_s=600.0, **FAST)
+        a, b = ManualClient(coordinator, "a"), ManualClient(coordinator, "b")
+        a.keep_alive()
+        b.keep_alive()
+        run = asyncio.create_task(coordinator.run())
+        await until(lambda: coordinator.phase is Phase.TRAINING, "round 1")
+        assert coordinator.selected == ["a", "b"]
+        await a.train(1)
+        b.die()
+        await until(lambda: coordinator.round == 2 and coordinator.phase is Phase.TRAINING, "round 2")
+        assert coordinator.selected == ["a"] and coordinator.clients["b"].state == GONE
+        assert await b.poll() == "WAIT"  # back (its call revives it), but round 2 is under way without it
+        assert coordinator.clients["b"].state != GONE
+        b.keep_alive()
+        await a.train(2)
+        await until(lambda: coordinator.round == 3 and coordinator.phase is Phase.TRAINING, "round 3")
+        assert coordinator.selected == ["a", "b"]
+        await a.train(3)
+        await b.train(3)
+        await until(lambda: coordinator.phase is Phase.EVALUATING, "the final evaluation")
+        for client in (a, b):
+            task = await coordinator.next_task(client.call(), hold_s=0.05)
+            assert coordinator.accept_evaluation(client.call(), task.global_version, 5, {"val_loss": 1.0}).accepted
+        await asyncio.wait_for(run, GUARD_S)
+        a.die()
+        b.die()
+        return coordinator
+
+    history = asyncio.run(scenario()).record.history
+    assert [row["clients"] for row in history] == [["a"], ["a"], ["a", "b"]]
+
+
+def test_a_live_straggler_gets_one_more_timeout_then_the_round_closes_with_what_there_is(tmp_path, caplog) -> None:
+    async def scenario() -> Coordinator:
+        coordinator = make_coordinator(tmp_path, rounds=1, round_timeout_s=0.3, **FAST)
+        a, b = ManualClient(coordinator, "a"), ManualClient(coordinator, "b")
+        a.keep_alive()
+        b.keep_alive()  # alive, heartbeating, but never uploads
+        run = asyncio.create_task(coordinator.run())
+        await until(lambda: coordinator.phase is Phase.TRAINING, "round 1")
+        await a.train(1)
+        await until(lambda: coordinator.record.committed_round == 1, "round 1 to commit")
+        a.die()
+        b.die()
+        run.cancel()
+        return coordinator
+
+    with caplog.at_level(logging.WARNING, logger="fedcmp.server"):
+        coordinator = asyncio.run(scenario())
+    assert coordinator.record.history[0]["clients"] == ["a"]
+    assert "1 of 2 needed uploads" in caplog.text and "closing with what there is" in caplog.text
+
+
+def test_a_round_without_any_upload_reopens_with_the_live_clients(tmp_path, caplog) -> None:
+    async def scenario() -> Coordinator:
+        coordinator = make_coordinator(tmp_path, rounds=1, min_clients=1, round_timeout_s=0.2, **FAST)
+        a = ManualClient(coordinator, "a")
+        a.keep_alive()
+        run = asyncio.create_task(coordinator.run())
+        await until(lambda: coordinator.phase is Phase.TRAINING, "round 1")
+        await until(lambda: "re-opening" in caplog.text, "round 1 to re-open")
+        assert coordinator.round == 1 and coordinator.record.committed_round == 0
+        await a.train(1)  # the re-opened round takes the upload and commits
+        await until(lambda: coordinator.record.committed_round == 1, "round 1 to commit")
+        a.die()
+        run.cancel()
+        return coordinator
+
+    with caplog.at_level(logging.WARNING, logger="fedcmp.server"):
+        assert asyncio.run(scenario()).record.history[0]["clients"] == ["a"]
+
+
+def test_heartbeats_record_progress(tmp_path) -> None:
+    coordinator = make_coordinator(tmp_path)
+    client = ManualClient(coordinator, "a").call()
+    coordinator.heartbeat(client, Progress(round=1, step=3, total_steps=10, last_loss=2.5))
+    assert client.progress == Progress(1, 3, 10, 2.5)
