@@ -36,7 +36,7 @@ class Recipe(BaseModel):
     vision_feature_layer: int = -2  # LLaVA uses the penultimate layer of the vision tower
     vision_feature_select: Literal["default", "full"] = "default"  # default drops CLS
     # Pins: only clients whose backbone files have these fingerprints (fedcmp.client.fingerprint) may join.
-    # Unpinned, the first client's fingerprints become the run's.
+    # Unpinned, those most live clients share when round 1 opens become the run's.
     vision_fingerprint: str | None = Field(default=None, pattern=FINGERPRINT_PATTERN)
     llm_fingerprint: str | None = Field(default=None, pattern=FINGERPRINT_PATTERN)
     max_caption_tokens: int = Field(default=48, ge=4)

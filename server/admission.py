@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 from fedcmp.common.projector import describe_shapes, projector_shapes
+from fedcmp.common.provenance import Backbones
 from fedcmp.common.recipe import Recipe
 from fedcmp.server.liveness import ClientRecord, Shapes, is_live
 from fedcmp.server.store import CLIENT_ID_PATTERN
@@ -91,18 +92,21 @@ def offer_refusal(recipe: Recipe, client_id: str, offered: Shapes, fixed: Shapes
 Signature = tuple[tuple[tuple[str, tuple[int, ...]], ...], str, str]
 
 
-def signature(client: ClientRecord) -> Signature:
+def signature(shapes: Shapes, backbones: Backbones | None) -> Signature:
     """What every client of a run shares: the projector shapes and the backbone fingerprints."""
-    backbones = client.backbones
-    return (tuple(sorted(client.shapes.items())), backbones.vision_fingerprint if backbones else "",
+    return (tuple(sorted(shapes.items())), backbones.vision_fingerprint if backbones else "",
             backbones.llm_fingerprint if backbones else "")
+
+
+def signature_of(client: ClientRecord) -> Signature:
+    return signature(client.shapes, client.backbones)
 
 
 def majority(clients: Iterable[ClientRecord]) -> ClientRecord | None:
     """The earliest of the clients whose signature most of `clients` share (None: no clients)."""
     clients = list(clients)
-    counts = Counter(signature(client) for client in clients)
+    counts = Counter(signature_of(client) for client in clients)
     if not counts:
         return None
     common = counts.most_common(1)[0][0]  # ties: the signature seen first
-    return next(client for client in clients if signature(client) == common)
+    return next(client for client in clients if signature_of(client) == common)

@@ -70,12 +70,10 @@ def resolve_recipe(args: argparse.Namespace, store: RunStore) -> Recipe:
     return recipe
 
 
-def open_strategy(recipe: Recipe, store: RunStore, record: RunRecord) -> Strategy:
-    """The run's strategy, with the state of its last commit (a run with no commit yet starts fresh)."""
-    strategy = build_strategy(recipe.strategy, recipe.strategy_params)
+def restore_strategy(strategy: Strategy, store: RunStore, record: RunRecord) -> None:
+    """Give `strategy` the state of the run's last commit (a run with no commit yet starts fresh)."""
     if record.committed_round > 0:
         strategy.load_state_dict(store.load_strategy_state(record.committed_round))
-    return strategy
 
 
 def open_run(args: argparse.Namespace) -> Coordinator:
@@ -83,12 +81,13 @@ def open_run(args: argparse.Namespace) -> Coordinator:
     if args.resume and not store.has_run():
         raise StateError(f"--resume given but {args.state_dir} holds no run")
     recipe = resolve_recipe(args, store)
+    strategy = build_strategy(recipe.strategy, recipe.strategy_params)  # a bad name or knob: refused before any write
     if args.resume:
         record = store.load()
         log.info("resuming %s at round %d of %d", args.state_dir, record.committed_round + 1, recipe.rounds)
     else:
         record = store.create(recipe.to_json(), recipe.strategy)
-    strategy = open_strategy(recipe, store, record)
+    restore_strategy(strategy, store, record)
     metrics = None
     if args.metrics_port is not None:
         metrics = CoordinatorMetrics()

@@ -32,7 +32,7 @@ from fedcmp.common.projector import describe_shapes, init_projector_params
 from fedcmp.common.provenance import Backbones
 from fedcmp.common.recipe import Recipe
 from fedcmp.server.admission import (Signature, id_in_use, id_refusal, majority, offer_refusal, pinned_shapes,
-                                     room_for, signature)
+                                     room_for, signature, signature_of)
 from fedcmp.server.identity import backbone_refusal, run_backbones
 from fedcmp.server.liveness import GONE, ClientRecord, Progress, Shapes, is_live, live_ids, sweep, touch
 from fedcmp.server.safe_aggregation import aggregate_safely
@@ -104,10 +104,7 @@ class Coordinator:
         shapes = {key: tuple(shape) for key, shape in record.projector_shapes.items()}
         self.shapes: Shapes | None = shapes if committed else pinned_shapes(recipe)
         self.backbones: Backbones | None = Backbones(**record.backbones) if committed and record.backbones else None
-        self.signature: Signature | None = None
-        if committed:
-            fixed = ClientRecord("", "", 0, 0, "", 0.0, shapes=shapes, backbones=self.backbones)
-            self.signature = signature(fixed)
+        self.signature: Signature | None = signature(shapes, self.backbones) if committed else None
         self.clients: dict[str, ClientRecord] = {}
         self.selected: list[str] = []
         self.reported: set[str] = set()
@@ -284,8 +281,8 @@ class Coordinator:
         reference = self.signature
         if reference is None:
             leader = majority(live)
-            reference = signature(leader) if leader else None
-        return sorted(client.client_id for client in live if signature(client) == reference)
+            reference = signature_of(leader) if leader else None
+        return sorted(client.client_id for client in live if signature_of(client) == reference)
 
     async def _await_clients(self) -> list[str]:
         """Wait (phase WAITING) until `min_clients` live clients can train; returns them."""
@@ -302,10 +299,10 @@ class Coordinator:
         registrants with another signature must leave."""
         self.shapes = reference.shapes
         self.backbones = run_backbones(self.recipe, reference.backbones) if reference.backbones else None
-        self.signature = signature(reference)
+        self.signature = signature_of(reference)
         self.record = await self._durably("write global v0", self._write_initial_global, self.shapes, self.backbones)
         self._global_cache = None
-        for client in [c for c in self.clients.values() if signature(c) != self.signature]:
+        for client in [c for c in self.clients.values() if signature_of(c) != self.signature]:
             log.warning("dropping %s: its projector %s or backbones differ from the run's", client.client_id,
                         describe_shapes(client.shapes))
             del self.clients[client.client_id]  # its next call fails; registering again says why

@@ -46,7 +46,7 @@ class RunRecord:
     committed_round: int = 0
     global_version: int = 0
     strategy: str = ""
-    projector_shapes: dict[str, list[int]] = field(default_factory=dict)  # fixed by the first registration
+    projector_shapes: dict[str, list[int]] = field(default_factory=dict)  # fixed when round 1 opens
     backbones: dict[str, str] = field(default_factory=dict)  # Backbones fields, fixed with the shapes
     history: list[dict[str, Any]] = field(default_factory=list)
     final_metrics: dict[str, float] = field(default_factory=dict)
@@ -128,7 +128,7 @@ class RunStore:
         return self.run_file.exists()
 
     def create(self, recipe_json: str, strategy: str) -> RunRecord:
-        """Start a fresh run: the recipe and an empty commit record (global v0 comes with the first client)."""
+        """Start a fresh run: the recipe and an empty commit record (global v0 comes when round 1 opens)."""
         if self.has_run():
             raise StateError(
                 f"{self.root} already holds a run (see {self.run_file}); pass --resume to continue it "
@@ -141,7 +141,7 @@ class RunStore:
 
     def commit_initial_global(self, record: RunRecord, initial_global: dict[str, Tensor],
                               backbones: Backbones | None = None) -> RunRecord:
-        """Fix the projector signature and backbones and write global v0 (once, when the first client registers)."""
+        """Fix the projector signature and backbones and write global v0 (when round 1 opens)."""
         shapes = {key: list(value.shape) for key, value in initial_global.items()}
         fixed = RunRecord(**{**asdict(record), "projector_shapes": shapes,
                              "backbones": asdict(backbones) if backbones else {}})

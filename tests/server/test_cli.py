@@ -69,3 +69,8 @@ def test_an_unusable_state_dir_is_a_usage_error(tmp_path, capsys) -> None:
     assert main(["--state-dir", str(blocker / "state"), "--port", "0"]) == EXIT_USAGE
     error = capsys.readouterr().err
     assert f"--state-dir {blocker / 'state'} is not usable: Not a directory" in error
+
+
+def test_a_bad_strategy_is_refused_before_anything_is_written(tmp_path, capsys) -> None:
+    assert main(["--state-dir", str(tmp_path / "state"), "--strategy", "fedsomething"]) == EXIT_USAGE
+    assert "fedsomething" in capsys.readouterr().err and not RunStore(tmp_path / "state").has_run()

@@ -9,9 +9,10 @@ import torch
 from fedcmp.common.codec import encode_params, iter_chunks, sha256_hex
 from fedcmp.common.projector import projector_shapes
 from fedcmp.common.recipe import Recipe
+from fedcmp.server.cli import restore_strategy
 from fedcmp.server.rounds import Coordinator, Phase, SessionError
 from fedcmp.server.store import RunStore
-from fedcmp.server.cli import open_strategy
+from fedcmp.server.strategies import build_strategy
 
 SHAPES = projector_shapes("mlp2x_gelu", vision_hidden=6, text_hidden=8)
 
@@ -20,7 +21,9 @@ def make_coordinator(tmp_path, **recipe_fields) -> Coordinator:
     recipe = Recipe(**{"rounds": 2, "min_clients": 2, "round_timeout_s": 30.0, **recipe_fields})
     store = RunStore(tmp_path)
     record = store.load() if store.has_run() else store.create(recipe.to_json(), recipe.strategy)
-    return Coordinator(recipe, store, open_strategy(recipe, store, record), record)
+    strategy = build_strategy(recipe.strategy, recipe.strategy_params)
+    restore_strategy(strategy, store, record)
+    return Coordinator(recipe, store, strategy, record)
 
 
 async def _chunks(blob: bytes):
