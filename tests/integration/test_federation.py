@@ -42,7 +42,12 @@ def test_two_clients_two_rounds_lower_the_held_out_loss(processes, two_client_da
 
 def test_a_client_with_another_projector_shape_is_refused(processes, two_client_data: Path, tmp_path: Path,
                                                           other_vision_tower: Path, micro_zoo) -> None:
-    server, address = processes.server(tmp_path / "state", "--rounds", "1", "--min-clients", "2")
+    """With the widths pinned (the way to fix the shape before round 1), a mismatch is refused at registration."""
+    from transformers import AutoConfig
+
+    vision, text = (AutoConfig.from_pretrained(path) for path in (micro_zoo.vision_path, micro_zoo.llm_path))
+    server, address = processes.server(tmp_path / "state", "--rounds", "1", "--min-clients", "2", "--vision-hidden",
+                                       str(vision.hidden_size), "--text-hidden", str(text.hidden_size))
     first = processes.client("first", address, two_client_data / "client_0")
     deadline = time.monotonic() + 120
     while not processes.status(address)["clients"]:
@@ -53,9 +58,6 @@ def test_a_client_with_another_projector_shape_is_refused(processes, two_client_
     assert processes.wait(odd, timeout=120) == EXIT_REFUSED
     log = odd.log_path.read_text()
     assert "projector shape mismatch" in log
-    from transformers import AutoConfig
-
-    vision, text = (AutoConfig.from_pretrained(path) for path in (micro_zoo.vision_path, micro_zoo.llm_path))
     expected = f"linear_1.weight[{text.hidden_size}x{vision.hidden_size}]"
     offered = f"linear_1.weight[{text.hidden_size}x{AutoConfig.from_pretrained(other_vision_tower).hidden_size}]"
     assert expected in log and offered in log, log[-2000:]

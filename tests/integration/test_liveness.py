@@ -44,10 +44,12 @@ def test_a_frozen_client_is_gone_and_its_restart_takes_its_id_back(processes, tw
 
     # A second process under client_0's (live) id is refused, told how to choose an id and when to retry.
     shapes = json.loads((state / "run.json").read_text())["projector_shapes"]
+    backbones = client_info(processes, address, "client_0")["backbones"]
     with grpc.insecure_channel(address) as channel:
         reply = pb_grpc.CoordinatorStub(channel).Register(pb.RegisterRequest(
             client_id="client_0", instance_id="another-process", num_samples=5, protocol_version=PROTOCOL_VERSION,
-            projector=[pb.TensorSpec(name=name, shape=shape) for name, shape in shapes.items()]), timeout=30)
+            projector=[pb.TensorSpec(name=name, shape=shape) for name, shape in shapes.items()], **backbones),
+            timeout=30)
     assert not reply.accepted and "--client-id" in reply.reason and reply.retry_after_s > 0
 
     frozen.send_signal(signal.SIGKILL)
