@@ -48,6 +48,8 @@ class Recipe(BaseModel):
     clients_per_round: int | None = Field(default=None, ge=1)  # None: every registered client
     round_timeout_s: float = Field(default=600.0, gt=0)
     quorum: float = Field(default=1.0, gt=0, le=1)  # fraction of selected clients needed at the deadline
+    # dtype of projector blobs on the wire, both ways; the server aggregates in float32 whatever it is.
+    wire_dtype: Literal["float32", "bfloat16"] = "float32"
 
     # Local training.
     local_steps: int | None = Field(default=None, ge=1)  # None: derived from `epochs` (one pass overall)

@@ -22,13 +22,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from fedcmp.common.codec import encode_params, sha256_hex
 from fedcmp.common.constants import POLL_HOLD_S
 from fedcmp.common.projector import describe_shapes, init_projector_params, projector_shapes
 from fedcmp.common.provenance import Backbones
 from fedcmp.common.recipe import Recipe
 from fedcmp.server.identity import backbone_refusal, run_backbones
-from fedcmp.server.store import CLIENT_ID_PATTERN, RunRecord, RunStore, SpilledUpdates
+from fedcmp.server.store import CLIENT_ID_PATTERN, EncodedGlobal, RunRecord, RunStore, SpilledUpdates
 from fedcmp.server.strategies import Strategy
 
 if TYPE_CHECKING:
@@ -103,7 +102,6 @@ class Coordinator:
         self.told_done: set[str] = set()
         self.started = time.monotonic()
         self._round_started = self.started
-        self._global_cache: tuple[int, bytes, str] | None = None
         self._changed = asyncio.Event()
 
     # ---- notifications --------------------------------------------------------------------
@@ -212,15 +210,12 @@ class Coordinator:
             return TaskSpec("EVALUATE", round=self.round, global_version=self.record.global_version)
         return TaskSpec("WAIT", retry_after_s=0.0, message=f"{self.phase.value.lower()}, round {self.round}")
 
-    def global_blob(self, version: int) -> tuple[bytes, str]:
-        """The safetensors bytes and sha256 of a committed global version (current one cached)."""
-        if self._global_cache is None or self._global_cache[0] != version:
-            if version != self.record.global_version:
-                raise LookupError(f"global version {version} is not available; the current one is "
-                                  f"{self.record.global_version}")
-            blob = encode_params(self.store.load_global(version))
-            self._global_cache = (version, blob, sha256_hex(blob))
-        return self._global_cache[1], self._global_cache[2]
+    def global_blob(self, version: int) -> EncodedGlobal:
+        """The current global version in the recipe's wire dtype (encoded once; call it off the event loop)."""
+        if version != self.record.global_version:
+            raise LookupError(f"global version {version} is not available; the current one is "
+                              f"{self.record.global_version}")
+        return self.store.encoded_global(version, self.recipe.wire_dtype)
 
     # ---- uploads and evaluations -------------------------------------------------------------
     def check_upload(self, client: ClientRecord, round_index: int, global_version: int) -> Verdict | None:
@@ -308,7 +303,6 @@ class Coordinator:
         }
         self.record = await asyncio.to_thread(self.store.commit_round, self.record, round_index, new_global,
                                               self.strategy.state_dict(), metrics)
-        self._global_cache = None
         if self.metrics is not None:
             self.metrics.round_committed(metrics)
         for client in self.clients.values():
