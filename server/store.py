@@ -279,6 +279,8 @@ class RunStore:
         path = self.upload_path(round_index, client_id)
         if not layout.admits_size(size):
             raise BlobIntegrityError(layout.explain_size(size))
+        if any(key[0] < round_index for key in self._upload_locks):  # a new round: forget the old one's locks
+            self._upload_locks = {key: lock for key, lock in self._upload_locks.items() if key[0] >= round_index}
         lock = self._upload_locks.setdefault((round_index, client_id), asyncio.Lock())
         async with lock:
             if self.has_upload(round_index, client_id):
@@ -367,7 +369,6 @@ class RunStore:
         for round_index, directory in _versions(self.root / "uploads", "r"):
             if round_index <= committed_round:
                 shutil.rmtree(directory, ignore_errors=True)
-        self._upload_locks = {key: lock for key, lock in self._upload_locks.items() if key[0] > committed_round}
         fsync_dir(self.root)
 
 
