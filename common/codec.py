@@ -67,6 +67,12 @@ def decode_projector(blob: bytes | bytearray) -> dict[str, Tensor]:
     return {key: value.float() for key, value in decode_params(blob).items()}
 
 
+def through_wire(params: Mapping[str, Tensor], wire_dtype: str) -> dict[str, Tensor]:
+    """The float32 tensors a receiver decodes after `params` travelled in `wire_dtype` (no copy for float32)."""
+    dtype = wire_torch_dtype(wire_dtype)
+    return {key: value.to(dtype).float() for key, value in params.items()}
+
+
 def wire_torch_dtype(wire_dtype: str) -> torch.dtype:
     try:
         return WIRE_DTYPES[wire_dtype]

@@ -6,7 +6,8 @@ import torch
 
 from fedcmp.common.codec import (WIRE_DTYPES, BlobIntegrityError, BlobLayout, BlobReceiver, ProjectorStreamCheck,
                                  decode_params, decode_projector, encode_params, encode_projector, iter_chunks,
-                                 load_params_file, map_projector_file, receive_blob, save_params_file, sha256_hex)
+                                 load_params_file, map_projector_file, receive_blob, save_params_file, sha256_hex,
+                                 through_wire)
 
 
 def projector(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -90,6 +91,16 @@ def test_bfloat16_halves_the_bytes_and_is_exact_for_bfloat16_values() -> None:
     assert all(decoded[key].dtype == torch.float32 and torch.equal(decoded[key], params[key]) for key in params)
     rounded = decode_projector(encode_projector(projector(), "bfloat16"))  # other values: rounded, 8 mantissa bits
     assert all(torch.allclose(rounded[key], projector()[key], rtol=2**-8, atol=0) for key in rounded)
+
+
+@pytest.mark.parametrize("wire_dtype", list(WIRE_DTYPES))
+def test_through_wire_is_what_the_receiver_decodes(wire_dtype: str) -> None:
+    params = projector()
+    travelled = through_wire(params, wire_dtype)
+    decoded = decode_projector(encode_projector(params, wire_dtype))
+    assert all(torch.equal(travelled[key], decoded[key]) for key in params)
+    if wire_dtype == "float32":  # the float32 wire is the identity, without a copy
+        assert all(travelled[key].data_ptr() == params[key].data_ptr() for key in params)
 
 
 @pytest.mark.parametrize("wire_dtype", list(WIRE_DTYPES))
