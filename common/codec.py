@@ -127,16 +127,16 @@ class BlobLayout:
         """Why a blob of `size` bytes cannot be this projector (names a dtype whose size it matches)."""
         message = (f"announced size {size} bytes is not the {self.size} bytes (plus at most {MAX_METADATA_BYTES} of "
                    f"metadata) of the projector {_describe(self.shapes)} in the run's wire dtype {self.wire_dtype}")
-        matching = [name for name, itemsize in SAFETENSORS_ITEMSIZES.items()
-                    if name != SAFETENSORS_NAMES[self.wire_dtype] and self._fits(size, name, itemsize)]
-        if matching:
-            return (f"{message}; it is the size of the projector in dtype {' or '.join(matching)}, which this run "
-                    "does not accept")
+        for itemsize in sorted(set(SAFETENSORS_ITEMSIZES.values()) - {self.itemsize}, reverse=True):
+            names = [name for name, each in SAFETENSORS_ITEMSIZES.items() if each == itemsize and self._fits(size, name)]
+            if names:
+                return (f"{message}; it is the size of the projector in a {itemsize}-byte dtype ({', '.join(names)}), "
+                        "which this run does not accept")
         return message
 
-    def _fits(self, size: int, dtype_name: str, itemsize: int) -> bool:
-        """Whether `size` is this projector's size in another dtype (with at most MAX_METADATA_BYTES metadata)."""
-        header, spans = _header(self.shapes, dtype_name, itemsize)
+    def _fits(self, size: int, dtype_name: str) -> bool:
+        """Whether `size` is this projector's size in `dtype_name` (with at most MAX_METADATA_BYTES metadata)."""
+        header, spans = _header(self.shapes, dtype_name, SAFETENSORS_ITEMSIZES[dtype_name])
         smallest = len(header) + (spans[-1][2] if spans else 0)
         return smallest <= size <= smallest + MAX_METADATA_BYTES
 

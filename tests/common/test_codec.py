@@ -1,10 +1,12 @@
 """Blob codec: safetensors round trip, wire layout and dtypes, streamed checks, chunking, files."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from fedcmp.common.codec import (WIRE_DTYPES, BlobIntegrityError, BlobLayout, BlobReceiver, ProjectorStreamCheck,
+from fedcmp.common.codec import (MAX_METADATA_BYTES, WIRE_DTYPES, BlobIntegrityError, BlobLayout, BlobReceiver, ProjectorStreamCheck,
                                  decode_params, decode_projector, encode_params, encode_projector, iter_chunks,
                                  load_params_file, map_projector_file, receive_blob, save_params_file, sha256_hex,
                                  through_wire)
@@ -107,8 +109,9 @@ def test_through_wire_is_what_the_receiver_decodes(wire_dtype: str) -> None:
 @pytest.mark.parametrize("chunk_bytes", [1, 3, 1000, 10**9])
 def test_the_stream_check_accepts_a_good_blob_in_any_chunking(wire_dtype: str, chunk_bytes: int) -> None:
     params = projector()
-    check = ProjectorStreamCheck(BlobLayout.of(projector_shapes_of(params), wire_dtype))
-    for chunk in iter_chunks(encode_projector(params, wire_dtype), chunk_bytes):
+    blob = encode_projector(params, wire_dtype, metadata={"fedcmp.round": "3"})
+    check = ProjectorStreamCheck(BlobLayout.of(projector_shapes_of(params), wire_dtype), len(blob))
+    for chunk in iter_chunks(blob, chunk_bytes):
         check.add(chunk)
 
 
@@ -117,24 +120,42 @@ def test_the_stream_check_accepts_a_good_blob_in_any_chunking(wire_dtype: str, c
 def test_the_stream_check_names_the_tensor_holding_a_non_finite_value(wire_dtype: str, bad: float) -> None:
     params = projector()
     params["linear_2.weight"][17, 5] = bad
-    check = ProjectorStreamCheck(BlobLayout.of(projector_shapes_of(params), wire_dtype))
+    blob = encode_projector(params, wire_dtype)
+    check = ProjectorStreamCheck(BlobLayout.of(projector_shapes_of(params), wire_dtype), len(blob))
     with pytest.raises(BlobIntegrityError, match=r"non-finite values \(NaN/inf\) in linear_2.weight"):
-        for chunk in iter_chunks(encode_projector(params, wire_dtype), 3):  # elements split across chunks
+        for chunk in iter_chunks(blob, 3):  # elements split across chunks
             check.add(chunk)
 
 
-def test_a_header_with_metadata_is_not_the_canonical_layout() -> None:
+@pytest.mark.parametrize("metadata, message", [
+    ({"note": "x" * (MAX_METADATA_BYTES + 1)}, "a safetensors header of .* bytes is refused"),
+    ({"round": 3}, None),  # safetensors itself refuses non-string metadata when encoding
+])
+def test_metadata_is_bounded(metadata, message) -> None:
+    params = projector()
+    layout = BlobLayout.of(projector_shapes_of(params), "float32")
+    if message is None:
+        with pytest.raises(Exception):
+            encode_params(params, metadata=metadata)
+        return
+    blob = encode_params(params, metadata=metadata)
+    assert not layout.admits_size(len(blob))
+    with pytest.raises(BlobIntegrityError, match=message):
+        ProjectorStreamCheck(layout, len(blob)).add(blob)
+
+
+def test_a_header_that_does_not_add_up_to_the_announced_size_is_refused() -> None:
     params = projector()
     layout = BlobLayout.of(projector_shapes_of(params), "float32")
     blob = encode_params(params, metadata={"a": "b"})
-    with pytest.raises(BlobIntegrityError, match="safetensors header of .* bytes is not that of the projector"):
-        ProjectorStreamCheck(layout).add(blob)
+    with pytest.raises(BlobIntegrityError, match="do not make the announced"):
+        ProjectorStreamCheck(layout, len(blob) + 8).add(blob)
 
 
 def test_a_size_names_the_dtype_it_belongs_to() -> None:
     layout = BlobLayout.of(projector_shapes_of(projector()), "float32")
     as_float16 = len(encode_params({key: value.half() for key, value in projector().items()}))
-    assert "in dtype F16, which this run does not accept" in layout.explain_size(as_float16)
+    assert re.search(r"in a 2-byte dtype \(.*F16.*\), which this run does not accept", layout.explain_size(as_float16))
     assert "dtype" not in layout.explain_size(7).split("wire dtype")[1]
 
 
