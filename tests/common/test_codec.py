@@ -167,5 +167,9 @@ def test_a_mapped_projector_file_reads_as_float32(tmp_path, wire_dtype: str) -> 
     expected = decode_projector(path.read_bytes())
     assert mapped.keys() == expected.keys()
     assert all(mapped[key].dtype == torch.float32 and torch.equal(mapped[key], expected[key]) for key in expected)
+    if wire_dtype == "float32":  # views of one mapping, at the file's offsets: nothing was copied
+        spans = {key: start for key, start, _ in BlobLayout.of(projector_shapes_of(projector()), wire_dtype).spans}
+        base = mapped["linear_1.bias"].data_ptr() - spans["linear_1.bias"]
+        assert all(mapped[key].data_ptr() - base == spans[key] for key in spans)
     with pytest.raises(BlobIntegrityError, match="cannot map"):
         map_projector_file(tmp_path / "absent.safetensors")

@@ -295,3 +295,37 @@ def test_a_poisoned_spilled_upload_is_dropped_on_resume_and_the_client_trains_ag
     assert "dropped the spilled upload a of round 1" in caplog.text
     assert torch.allclose(resumed.store.load_global(1)["linear_1.bias"], params["linear_1.bias"])
     daemon.link.close()
+
+
+def test_status_answers_while_an_upload_is_stuck_on_disk(loopback, monkeypatch) -> None:
+    """Disk work runs off the event loop: a write that hangs does not hang the other RPCs."""
+    server = loopback()
+    writing, release = threading.Event(), threading.Event()
+    real_spill_file = server.store._spill_file
+
+    class StuckDisk:
+        def __init__(self, real) -> None:
+            self.real = real
+
+        def write(self, data) -> int:
+            writing.set()
+            assert release.wait(timeout=30)
+            return self.real.write(data)
+
+        def __getattr__(self, name: str):
+            return getattr(self.real, name)
+
+    monkeypatch.setattr(server.store, "_spill_file", lambda fd: StuckDisk(real_spill_file(fd)))
+    token = server.register("a")
+    task = server.train_task("a", token)
+    blob = encode_projector(shifted(server.global_params("a", token, task.global_version), 0.5), "float32")
+    acks = []
+    uploader = threading.Thread(target=lambda: acks.append(server.stub.UploadUpdate(
+        upload_messages("a", token, task, blob))))
+    uploader.start()
+    assert writing.wait(timeout=30)
+    status = server.stub.GetStatus(pb.StatusRequest(), timeout=10)  # would time out if the write held the loop
+    assert status.phase == "TRAINING" and list(status.selected) == ["a"] and not status.reported
+    release.set()
+    uploader.join(timeout=30)
+    assert acks and acks[0].accepted, acks
