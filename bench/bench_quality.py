@@ -34,11 +34,11 @@ NON_IID = ("concept", "domain", "quantity")
 
 
 def run_cell(scenario: str, seed: int, scale: Scale, methods: list[Method], cache: Path,
-             threads: int) -> list[dict[str, Any]]:
+             threads: int, wire_dtype: str) -> list[dict[str, Any]]:
     """Every method on one scenario and seed (one federation, features encoded once)."""
     torch.set_num_threads(threads)
     data = scenario_data(cache, scenario, seed, scale)
-    base = base_recipe(scale, seed)
+    base = base_recipe(scale, seed, wire_dtype)
     federation = Federation.open(data, base)
     rows = []
     for method in methods:
@@ -52,13 +52,14 @@ def run_cell(scenario: str, seed: int, scale: Scale, methods: list[Method], cach
 
 
 def run_all(scale: Scale, seeds: list[int], methods: list[Method], cache: Path, raw: Path,
-            jobs: int) -> list[dict[str, Any]]:
+            jobs: int, wire_dtype: str) -> list[dict[str, Any]]:
     """All cells, `jobs` worker processes at a time (one torch thread each when jobs > 1)."""
     cells = [(scenario, seed) for scenario in SCENARIOS for seed in seeds]
     threads = 1 if jobs > 1 else (os.cpu_count() or 1)
     rows: list[dict[str, Any]] = []
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(run_cell, scenario, seed, scale, methods, cache, threads) for scenario, seed in cells]
+        futures = [pool.submit(run_cell, scenario, seed, scale, methods, cache, threads, wire_dtype)
+                   for scenario, seed in cells]
         for future in futures:
             for row in future.result():
                 append_jsonl(raw, row)
@@ -183,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path("runs/bench-data"))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="scenario/seed cells run in parallel processes (1 torch thread each)")
+    parser.add_argument("--wire-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="the recipe's wire_dtype: projectors round-trip through it both ways, as on the network")
     args = parser.parse_args(argv)
     setup_logging()
     scale = QUICK if args.quick else FULL
@@ -192,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     raw = args.out / "results.jsonl"
     raw.unlink(missing_ok=True)
     began = time.monotonic()
-    rows = run_all(scale, seeds, methods, args.cache, raw, args.jobs)
+    rows = run_all(scale, seeds, methods, args.cache, raw, args.jobs, args.wire_dtype)
     table = summarise(rows, methods)
     plot(rows, methods, args.out)
     command = "make bench-quality-quick" if args.quick else "make bench-quality"

@@ -70,8 +70,8 @@ def scenario_data(cache: Path, scenario: str, seed: int, scale: Scale) -> Path:
     return root
 
 
-def base_recipe(scale: Scale, seed: int) -> Recipe:
-    return Recipe(rounds=scale.rounds, seed=seed)
+def base_recipe(scale: Scale, seed: int, wire_dtype: str = "float32") -> Recipe:
+    return Recipe(rounds=scale.rounds, seed=seed, wire_dtype=wire_dtype)
 
 
 def run_method(federation: Federation, method: Method, base: Recipe) -> dict[str, Any]:

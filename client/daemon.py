@@ -22,7 +22,7 @@ import grpc
 from torch import Tensor
 
 from fedcmp.client.heartbeat import Heartbeat
-from fedcmp.common.codec import decode_params, encode_params, iter_chunks, receive_blob, sha256_hex
+from fedcmp.common.codec import decode_projector, encode_projector, iter_chunks, receive_blob, sha256_hex
 from fedcmp.common.constants import (MAX_MESSAGE_BYTES, PROTOCOL_VERSION, RECONNECT_BASE_S, RECONNECT_BUDGET_S,
                                      RECONNECT_MAX_S)
 from fedcmp.common.provenance import Backbones, ProjectorProvenance
@@ -178,7 +178,7 @@ class ClientDaemon:
         if self._global is not None and self._global[0] == version:
             return self._global[1]
 
-        def attempt() -> bytes:
+        def attempt() -> bytearray:
             stream = self.link.stub.DownloadProjector(
                 pb.DownloadRequest(client_id=self.client_id, session_token=self.token, global_version=version),
                 metadata=self._metadata())
@@ -186,7 +186,7 @@ class ClientDaemon:
             chunks = (chunk.data for chunk in _prepend(first, stream))
             return receive_blob(chunks, first.total_size, first.sha256)
 
-        params = decode_params(self.link.call(f"DownloadProjector v{version}", attempt,
+        params = decode_projector(self.link.call(f"DownloadProjector v{version}", attempt,
                                               on_lost_session=self.register))
         self._global = (version, params)
         return params
@@ -204,7 +204,7 @@ class ClientDaemon:
         model = self.session.model
         provenance = ProjectorProvenance.of(self.session.recipe, self.backbones, model.vision_hidden, model.text_hidden,
                                             task.round)
-        blob = encode_params(params, provenance.to_metadata())
+        blob = encode_projector(params, self.session.recipe.wire_dtype, provenance.to_metadata())
         digest = sha256_hex(blob)
         samples = int(metrics.get("samples", self.session.num_train_samples))
 

@@ -60,6 +60,8 @@ class Recipe(BaseModel):
     vision_hidden: int | None = Field(default=None, ge=1)
     text_hidden: int | None = Field(default=None, ge=1)
     max_projector_params: int = Field(default=80_000_000, ge=1)  # LLaVA projectors of up to 70B LLMs fit
+    # dtype of projector blobs on the wire, both ways; the server aggregates in float32 whatever it is.
+    wire_dtype: Literal["float32", "bfloat16"] = "float32"
 
     # Local training.
     local_steps: int | None = Field(default=None, ge=1)  # None: derived from `epochs` (one pass overall)

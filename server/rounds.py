@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from fedcmp.common.codec import encode_params, sha256_hex
 from fedcmp.common.constants import POLL_HOLD_S
 from fedcmp.common.projector import describe_shapes, init_projector_params
 from fedcmp.common.provenance import Backbones
@@ -36,7 +35,7 @@ from fedcmp.server.admission import (Signature, id_in_use, id_refusal, majority,
 from fedcmp.server.identity import backbone_refusal, run_backbones
 from fedcmp.server.liveness import GONE, ClientRecord, Progress, Shapes, is_live, live_ids, sweep, touch
 from fedcmp.server.safe_aggregation import aggregate_safely
-from fedcmp.server.store import RunRecord, RunStore
+from fedcmp.server.store import EncodedGlobal, RunRecord, RunStore
 from fedcmp.server.strategies import Strategy
 
 if TYPE_CHECKING:
@@ -114,7 +113,6 @@ class Coordinator:
         self.health_message = ""
         self.started = time.monotonic()
         self._round_started = self.started
-        self._global_cache: tuple[int, bytes, str] | None = None
         self._changed = asyncio.Event()
 
     # ---- notifications --------------------------------------------------------------------
@@ -221,15 +219,12 @@ class Coordinator:
             return TaskSpec("EVALUATE", round=self.round, global_version=self.record.global_version)
         return TaskSpec("WAIT", retry_after_s=0.0, message=f"{self.phase.value.lower()}, round {self.round}")
 
-    def global_blob(self, version: int) -> tuple[bytes, str]:
-        """The safetensors bytes and sha256 of a committed global version (current one cached)."""
-        if self._global_cache is None or self._global_cache[0] != version:
-            if version != self.record.global_version or self.shapes is None:
-                raise LookupError(f"global version {version} is not available; the current one is "
-                                  f"{self.record.global_version}")
-            blob = encode_params(self.store.load_global(version))
-            self._global_cache = (version, blob, sha256_hex(blob))
-        return self._global_cache[1], self._global_cache[2]
+    def global_blob(self, version: int) -> EncodedGlobal:
+        """The current global version in the recipe's wire dtype (encoded once; call it off the event loop)."""
+        if version != self.record.global_version or self.shapes is None:
+            raise LookupError(f"global version {version} is not available; the current one is "
+                              f"{self.record.global_version}")
+        return self.store.encoded_global(version, self.recipe.wire_dtype)
 
     # ---- uploads and evaluations -------------------------------------------------------------
     def check_upload(self, client: ClientRecord, round_index: int, global_version: int) -> Verdict | None:
@@ -301,7 +296,6 @@ class Coordinator:
         self.backbones = run_backbones(self.recipe, reference.backbones) if reference.backbones else None
         self.signature = signature_of(reference)
         self.record = await self._durably("write global v0", self._write_initial_global, self.shapes, self.backbones)
-        self._global_cache = None
         for client in [c for c in self.clients.values() if signature_of(c) != self.signature]:
             log.warning("dropping %s: its projector %s or backbones differ from the run's", client.client_id,
                         describe_shapes(client.shapes))
@@ -385,7 +379,6 @@ class Coordinator:
         }
         self.record = await self._durably(f"commit round {round_index}", self.store.commit_round, self.record,
                                           round_index, new_global, self.strategy.state_dict(), row)
-        self._global_cache = None
         if self.metrics is not None:
             self.metrics.round_committed(row)
         for client in self.clients.values():

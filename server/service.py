@@ -1,10 +1,14 @@
 """The gRPC face of the coordinator: translates `Coordinator` calls to and from fedcmp.v1 messages.
 
 Runs on grpc.aio. Sessions are checked on every call; blobs stream in CHUNK_BYTES chunks both
-ways; uploads are spilled to disk chunk by chunk, never held whole in memory.
+ways; uploads are spilled to disk chunk by chunk, never held whole in memory. The event loop only
+moves bytes: an upload's header is judged here, its chunks are hashed, checked and written on the
+store's I/O pool, and a download is served from the global's one encoded buffer.
 """
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -15,7 +19,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fedcmp.common.codec import BlobIntegrityError, iter_chunks
+from fedcmp.common.codec import BlobIntegrityError, BlobLayout
 from fedcmp.common.constants import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from fedcmp.common.provenance import Backbones
 from fedcmp.common.wire import coordinator_pb2 as pb
@@ -23,6 +27,8 @@ from fedcmp.common.wire import coordinator_pb2_grpc as pb_grpc
 from fedcmp.server.liveness import ClientRecord, Progress
 from fedcmp.server.rounds import Coordinator, SessionError, TaskSpec, capped
 from fedcmp.server.security import BearerTokenInterceptor, bearer_token, token_owner
+from fedcmp.server.store import UploadStorageError
+from fedcmp.server.upload_rules import max_upload_samples, upload_header_problem
 
 log = logging.getLogger("fedcmp.server")
 
@@ -82,13 +88,16 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     async def DownloadProjector(self, request: pb.DownloadRequest,
                                 context: grpc.aio.ServicerContext) -> AsyncIterator[pb.BlobChunk]:
         await self._session(request.client_id, request.session_token, context)
-        try:
-            blob, digest = self.coordinator.global_blob(request.global_version)
+        loop = asyncio.get_running_loop()
+        try:  # the first download of a version encodes it, on the I/O pool
+            encoded = await loop.run_in_executor(self.coordinator.store.io_pool, self.coordinator.global_blob,
+                                                 request.global_version)
         except LookupError as error:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
+            raise  # abort raises; this keeps type checkers informed
         offset = 0
-        for chunk in iter_chunks(blob):
-            yield pb.BlobChunk(data=bytes(chunk), offset=offset, total_size=len(blob), sha256=digest)
+        for chunk in encoded.chunks:
+            yield pb.BlobChunk(data=chunk, offset=offset, total_size=encoded.size, sha256=encoded.sha256)
             offset += len(chunk)
 
     async def UploadUpdate(self, request_iterator: AsyncIterator[pb.UploadMessage],
@@ -103,20 +112,38 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self._count_upload("duplicate" if verdict.duplicate else "refused")
             return pb.UploadAck(accepted=verdict.accepted, reason=verdict.reason, duplicate=verdict.duplicate)
 
+        recipe = self.coordinator.recipe
+        metrics = dict(header.metrics)
+        problem = upload_header_problem(header.num_samples, metrics, max_upload_samples(recipe, client.num_samples))
+        if problem:
+            log.warning("refused the upload of %s for round %d: %s", client.client_id, header.round, problem)
+            self._count_upload("refused")
+            return pb.UploadAck(accepted=False, reason=f"upload refused: {problem}")
+
         async def chunks() -> AsyncIterator[bytes]:
             async for message in request_iterator:
                 if not message.HasField("chunk"):
                     raise BlobIntegrityError("a second header arrived in the middle of an upload")
                 yield message.chunk
 
+        layout = BlobLayout.of(self.coordinator.record.projector_shapes, recipe.wire_dtype)
         try:
-            await self.coordinator.store.spill_upload(header.round, client.client_id, header.num_samples,
-                                                      dict(header.metrics), header.size, header.sha256, chunks(),
-                                                      self.coordinator.record.projector_shapes)
+            spilled = await self.coordinator.store.spill_upload(header.round, client.client_id, header.num_samples,
+                                                                metrics, header.size, header.sha256, chunks(), layout)
         except BlobIntegrityError as error:
             log.warning("rejected upload of %s for round %d: %s", client.client_id, header.round, error)
             self._count_upload("corrupt")
             return pb.UploadAck(accepted=False, reason=f"upload rejected: {error}")
+        except UploadStorageError as error:
+            log.error("could not store the upload of %s for round %d: %s", client.client_id, header.round, error)
+            self._count_upload("storage_error")
+            full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED if full else grpc.StatusCode.UNAVAILABLE,
+                                f"{error}; nothing was kept, retry later")
+            raise  # abort raises; this keeps type checkers informed
+        if spilled is None:  # another stream of this (client, round) published first
+            self._count_upload("duplicate")
+            return pb.UploadAck(accepted=True, reason="already received", duplicate=True)
         self.coordinator.upload_accepted(client, header.round)
         self._count_upload("accepted", header.size)
         return pb.UploadAck(accepted=True)

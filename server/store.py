@@ -7,36 +7,60 @@ Layout under `--state-dir`:
     global/v{N}.safetensors          global projector versions (the committed one and its predecessor),
                                      with fedcmp's projector metadata (fedcmp.common.provenance)
     strategy/r{N}.safetensors        strategy state (momentum, moments, basis, counters) after round N
-    uploads/r{N}/{client}.safetensors + .json    accepted client uploads, spilled as they arrive
+    uploads/r{N}/{client}.safetensors + .json    accepted client uploads of the open round
     metrics.jsonl                    one JSON line per committed round (and the final evaluation)
 
 Every file is written temp -> fsync -> rename; `run.json` is renamed last, so it is the commit
 point: a crash at any moment leaves the previous commit intact and loadable.
+
+Uploads stream in on the event loop, but every byte is hashed, checked and written on a thread
+pool (`io_pool`), each stream into its own temp file; one lock per (client, round) lets only
+one stream publish. The published header records what was verified, so a resumed run trusts
+only uploads that passed these checks and drops (and names) any other.
 """
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import math
 import os
 import re
 import shutil
-from collections.abc import AsyncIterator, Iterable, Sequence
+import tempfile
+import threading
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, overload
+from typing import Any, BinaryIO, TypeVar, overload
 
-import torch
 from torch import Tensor
 
-from fedcmp.common.codec import BlobIntegrityError, BlobReceiver, fsync_dir, load_params_file, save_params_file, write_atomic
+from fedcmp.common.codec import (BlobIntegrityError, BlobLayout, BlobReceiver, ProjectorStreamCheck, encode_projector,
+                                 fsync_dir, iter_chunks, load_params_file, load_params_metadata, map_projector_file,
+                                 save_params_file, sha256_hex, write_atomic)
 from fedcmp.common.provenance import Backbones, ProjectorProvenance
 from fedcmp.common.recipe import Recipe
 from fedcmp.server.strategies import ClientUpdate
 
-CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # use with fullmatch
+log = logging.getLogger("fedcmp.server")
+
+CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: "$" would let a trailing newline in
+UPLOAD_CHECKS = "sha256+layout+finite"  # what a published upload header says was verified on arrival
+T = TypeVar("T")
 
 
 class StateError(RuntimeError):
     """The state dir cannot be used as asked (e.g. holds a run but --resume was not given)."""
+
+
+class UploadStorageError(RuntimeError):
+    """The disk failed while an upload was spilled (ENOSPC, EIO, ...); nothing was kept, retrying may work."""
+
+    def __init__(self, message: str, errno: int | None) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 @dataclass
@@ -64,6 +88,17 @@ class SpilledUpload:
     path: Path
 
 
+@dataclass(frozen=True)
+class EncodedGlobal:
+    """A global version encoded once in the wire dtype, as the chunks every download sends."""
+
+    version: int
+    wire_dtype: str
+    chunks: tuple[bytes, ...]  # consecutive CHUNK_BYTES pieces of one safetensors blob
+    size: int
+    sha256: str
+
+
 class SpilledUpdates(Sequence[ClientUpdate]):
     """Client updates read from disk one at a time, so aggregation memory does not grow with K."""
 
@@ -82,24 +117,43 @@ class SpilledUpdates(Sequence[ClientUpdate]):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         upload = self._uploads[index]
-        return ClientUpdate(upload.client_id, upload.num_samples, load_params_file(upload.path), upload.metrics)
+        return ClientUpdate(upload.client_id, upload.num_samples, map_projector_file(upload.path), upload.metrics)
 
 
-def check_contents(params: dict[str, Tensor], expected_shapes: dict[str, list[int]]) -> None:
-    """Raise BlobIntegrityError unless `params` has exactly the expected keys and shapes, all finite."""
-    shapes = {key: list(value.shape) for key, value in params.items()}
-    if shapes != expected_shapes:
-        raise BlobIntegrityError(f"tensors {shapes} do not match the projector {expected_shapes}")
-    bad = [key for key, value in params.items() if not torch.isfinite(value).all()]
-    if bad:
-        raise BlobIntegrityError(f"non-finite values (NaN/inf) in {', '.join(sorted(bad))}")
+class _UploadSink:
+    """One upload stream's private temp file, digest and content check. Runs on the I/O pool only."""
+
+    def __init__(self, sink: BinaryIO, temp: Path, size: int, sha256: str, layout: BlobLayout) -> None:
+        self.temp = temp
+        self._sink = sink
+        self._receiver = BlobReceiver(size, sha256, sink)
+        self._check = ProjectorStreamCheck(layout, size)
+
+    def add(self, chunk: bytes) -> None:
+        self._receiver.add(chunk)  # size bound, sha256, write
+        self._check.add(chunk)
+
+    def finish(self) -> None:
+        self._receiver.finish()
+        self._sink.flush()
+        os.fsync(self._sink.fileno())
+        self._sink.close()
+
+    def discard(self) -> None:
+        self._sink.close()
+        self.temp.unlink(missing_ok=True)
 
 
 class RunStore:
     """Reads and writes one run's state dir."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, io_pool: ThreadPoolExecutor | None = None) -> None:
         self.root = Path(root)
+        # Hashing, checks, writes and fsyncs of uploads: off the event loop, as parallel as the machine.
+        self.io_pool = io_pool or ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="fedcmp-io")
+        self._upload_locks: dict[tuple[int, str], asyncio.Lock] = {}
+        self._encoded: EncodedGlobal | None = None  # the last global served, encoded once for every download
+        self._encoded_lock = threading.Lock()
 
     # ---- layout -------------------------------------------------------------------------
     @property
@@ -147,6 +201,8 @@ class RunStore:
                              "backbones": asdict(backbones) if backbones else {}})
         save_params_file(self.global_path(0), initial_global, self._global_metadata(fixed, 0, initial_global))
         self._write_record(fixed)
+        with self._encoded_lock:
+            self._encoded = None  # a v0 written again (a shape chosen again) must not be served from the cache
         return fixed
 
     def load(self) -> RunRecord:
@@ -167,6 +223,18 @@ class RunStore:
     def save_recipe_json(self, recipe_json: str) -> None:
         """Replace the stored recipe (a resume that changed operational fields)."""
         write_atomic(self.recipe_file, recipe_json.encode())
+
+    def encoded_global(self, version: int, wire_dtype: str) -> EncodedGlobal:
+        """Global `version` in `wire_dtype`, encoded on first use and then shared (thread-safe; call off-loop)."""
+        with self._encoded_lock:
+            cached = self._encoded
+            if cached is None or (cached.version, cached.wire_dtype) != (version, wire_dtype):
+                metadata = load_params_metadata(self.global_path(version))
+                blob = encode_projector(self.load_global(version), wire_dtype, metadata)
+                cached = EncodedGlobal(version, wire_dtype, tuple(bytes(chunk) for chunk in iter_chunks(blob)),
+                                       len(blob), sha256_hex(blob))
+                self._encoded = cached
+            return cached
 
     def load_strategy_state(self, round_index: int) -> dict[str, Tensor]:
         """The strategy state committed with round `round_index` (>= 1; before it there is none)."""
@@ -206,44 +274,81 @@ class RunStore:
 
     async def spill_upload(self, round_index: int, client_id: str, num_samples: int, metrics: dict[str, float],
                            size: int, sha256: str, chunks: AsyncIterator[bytes],
-                           expected_shapes: dict[str, list[int]] | None = None) -> SpilledUpload:
-        """Stream an upload's chunks to disk, verify size, digest and contents, then publish it atomically.
+                           layout: BlobLayout) -> SpilledUpload | None:
+        """Stream an upload to disk, verifying it on the way, then publish it atomically.
 
-        The tensors land first and the small header file last, so a half-written upload is
-        never listed. Raises BlobIntegrityError (and leaves nothing behind) on a bad transfer,
-        or on tensors whose keys or shapes differ from `expected_shapes` or that hold NaN/inf:
-        one bad upload must never reach, let alone poison, the aggregation.
+        `layout` is the run's projector in its wire dtype: a blob of another size is refused
+        before a byte is written, and every chunk is checked as it arrives: the header against
+        the layout, then every value finite, and at the end size and sha256. One stream at a
+        time per (client, round) and each into its own temp file, so the bytes published are
+        exactly the bytes checked. Returns None, reading no chunk, when an upload of
+        (client, round) is already published. Raises BlobIntegrityError on a bad upload and
+        UploadStorageError when the disk fails; either way nothing is left behind.
         """
         path = self.upload_path(round_index, client_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temp = path.with_name(f".{path.name}.part-{os.getpid()}")
-        try:
-            with open(temp, "wb") as sink:
-                receiver = BlobReceiver(size, sha256, sink)
+        if not layout.admits_size(size):
+            raise BlobIntegrityError(layout.explain_size(size))
+        if any(key[0] < round_index for key in self._upload_locks):  # a new round: forget the old one's locks
+            self._upload_locks = {key: lock for key, lock in self._upload_locks.items() if key[0] >= round_index}
+        lock = self._upload_locks.setdefault((round_index, client_id), asyncio.Lock())
+        async with lock:
+            if self.has_upload(round_index, client_id):
+                return None
+            upload = SpilledUpload(client_id, round_index, num_samples, metrics, path)
+            sink = await self._off_loop(self._open_sink, path, size, sha256, layout)
+            try:
                 async for chunk in chunks:
-                    receiver.add(chunk)
-                receiver.finish()
-                sink.flush()
-                os.fsync(sink.fileno())
-            if expected_shapes is not None:
-                check_contents(load_params_file(temp), expected_shapes)
-            os.replace(temp, path)
-        finally:
-            temp.unlink(missing_ok=True)
-        header = {"client_id": client_id, "round": round_index, "num_samples": num_samples, "metrics": metrics}
-        write_atomic(path.with_suffix(".json"), json.dumps(header).encode())
-        return SpilledUpload(client_id, round_index, num_samples, metrics, path)
+                    await self._off_loop(sink.add, chunk)
+                await self._off_loop(sink.finish)
+                record = {"client_id": client_id, "round": round_index, "num_samples": num_samples,
+                          "metrics": metrics, "size": size, "sha256": sha256.lower(), "checks": UPLOAD_CHECKS}
+                await self._off_loop(self._publish, sink.temp, path, record)
+            finally:
+                await self._off_loop(sink.discard)
+            return upload
+
+    async def _off_loop(self, work: Callable[..., T], *args: Any) -> T:
+        """Run disk work on the I/O pool; a failing disk becomes an UploadStorageError."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.io_pool, work, *args)
+        except OSError as error:
+            raise UploadStorageError(f"the coordinator could not store the upload: {error.strerror or error}",
+                                     error.errno) from error
+
+    def _open_sink(self, path: Path, size: int, sha256: str, layout: BlobLayout) -> _UploadSink:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        return _UploadSink(self._spill_file(fd), Path(temp), size, sha256, layout)
+
+    def _spill_file(self, fd: int) -> BinaryIO:
+        """The file object an upload is written through (the seam fault-injection tests replace)."""
+        return os.fdopen(fd, "wb")
+
+    @staticmethod
+    def _publish(temp: Path, path: Path, record: dict[str, Any]) -> None:
+        """Tensors first, then the header that lists them: a crash in between publishes nothing."""
+        os.replace(temp, path)
+        write_atomic(path.with_suffix(".json"), json.dumps(record).encode())
 
     def uploads(self, round_index: int) -> list[SpilledUpload]:
-        """Every published upload of a round (a crash mid-transfer leaves none of its bytes listed)."""
+        """Every published upload of a round that passed the arrival checks.
+
+        A header that does not parse, that records no checks, or whose tensors file is missing or
+        of another size (e.g. spilled by an older server, or damaged on disk) is dropped, with
+        its files, and named in the log: a poisoned upload never reaches an aggregation, also not
+        after a restart.
+        """
         directory = self.upload_dir(round_index)
         if not directory.exists():
             return []
         found = []
         for header_file in sorted(directory.glob("*.json")):
-            header = json.loads(header_file.read_text())
-            found.append(SpilledUpload(header["client_id"], header["round"], header["num_samples"],
-                                       header["metrics"], header_file.with_suffix(".safetensors")))
+            try:
+                found.append(read_upload_header(header_file, round_index))
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                log.warning("dropped the spilled upload %s of round %d: %s", header_file.stem, round_index, error)
+                header_file.unlink(missing_ok=True)
+                header_file.with_suffix(".safetensors").unlink(missing_ok=True)
         return found
 
     # ---- internals ----------------------------------------------------------------------
@@ -265,8 +370,38 @@ class RunStore:
             os.fsync(handle.fileno())
 
     def _prune(self, committed_round: int) -> None:
-        """Drop what no resume can need: global versions and state older than the predecessor, old uploads."""
-        for stale in (self.global_path(committed_round - 2), self.strategy_path(committed_round - 2)):
-            stale.unlink(missing_ok=True)
-        shutil.rmtree(self.upload_dir(committed_round), ignore_errors=True)
+        """Drop what no resume can need: globals and state but the last two, uploads of committed rounds."""
+        keep = {committed_round, committed_round - 1}
+        for stale in [*_versions(self.root / "global", "v"), *_versions(self.root / "strategy", "r")]:
+            if stale[0] not in keep:
+                stale[1].unlink(missing_ok=True)
+        for round_index, directory in _versions(self.root / "uploads", "r"):
+            if round_index <= committed_round:
+                shutil.rmtree(directory, ignore_errors=True)
         fsync_dir(self.root)
+
+
+def _versions(directory: Path, prefix: str) -> list[tuple[int, Path]]:
+    """(N, path) of every `{prefix}{N}` or `{prefix}{N}.safetensors` entry in `directory`."""
+    pattern = re.compile(rf"^{prefix}(\d+)(\.safetensors)?$")
+    if not directory.exists():
+        return []
+    return [(int(match[1]), entry) for entry in directory.iterdir() if (match := pattern.match(entry.name))]
+
+
+def read_upload_header(header_file: Path, round_index: int) -> SpilledUpload:
+    """The SpilledUpload a published header describes; ValueError unless it records passed checks."""
+    header = json.loads(header_file.read_text())
+    if header.get("checks") != UPLOAD_CHECKS:
+        raise ValueError(f"it records checks {header.get('checks')!r}, not {UPLOAD_CHECKS!r}")
+    client_id, num_samples, metrics = header["client_id"], header["num_samples"], header["metrics"]
+    if client_id != header_file.stem or header["round"] != round_index:
+        raise ValueError(f"its header names client {client_id!r}, round {header['round']}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples {num_samples!r} is not a positive integer")
+    if not all(isinstance(value, (int, float)) and math.isfinite(value) for value in metrics.values()):
+        raise ValueError("its metrics hold non-numbers or non-finite values")
+    tensors = header_file.with_suffix(".safetensors")
+    if tensors.stat().st_size != header["size"]:
+        raise ValueError(f"{tensors.name} holds {tensors.stat().st_size} bytes, {header['size']} were verified")
+    return SpilledUpload(client_id, round_index, num_samples, dict(metrics), tensors)

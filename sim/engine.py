@@ -29,6 +29,7 @@ from fedcmp.client.evaluation import caption_nll, retrieval_accuracy
 from fedcmp.client.model import ProjectorMLLM
 from fedcmp.client.features import EncodedSplit, concat_splits
 from fedcmp.client.trainer import LocalSession, encode_examples
+from fedcmp.common.codec import through_wire
 from fedcmp.common.projector import init_projector_params
 from fedcmp.common.recipe import Recipe
 from fedcmp.server.rounds import choose_clients, weighted_means
@@ -108,12 +109,14 @@ class Simulator:
         for round_index in range(1, recipe.rounds + 1):
             began = time.monotonic()
             updates = []
+            downloaded = through_wire(current, recipe.wire_dtype)  # what a client decodes from the download
             for client_id in choose_clients(sessions, recipe, round_index):
                 session = sessions[client_id]
-                before = session.evaluate(current)
-                params, metrics = session.train_round(current, round_index - 1,
+                before = session.evaluate(downloaded)
+                params, metrics = session.train_round(downloaded, round_index - 1,
                                                       recipe.local_steps_for(session.num_train_samples))
-                updates.append(ClientUpdate(client_id, int(metrics["samples"]), params, {**metrics, **before}))
+                updates.append(ClientUpdate(client_id, int(metrics["samples"]), through_wire(params, recipe.wire_dtype),
+                                            {**metrics, **before}))
             conflict = update_cosine(current, updates)
             current = strategy.aggregate(current, updates)
             row = {"round": float(round_index), "participants": float(len(updates)), "update_cosine": conflict,

@@ -1,13 +1,16 @@
-"""Blob codec: safetensors round trip, chunking, integrity checks, atomic files."""
+"""Blob codec: safetensors round trip, wire layout and dtypes, streamed checks, chunking, files."""
 from __future__ import annotations
 
 import errno
+import re
 
 import pytest
 import torch
 
-from fedcmp.common.codec import (BlobIntegrityError, BlobReceiver, decode_params, encode_params, iter_chunks,
-                                 load_params_file, receive_blob, save_params_file, sha256_hex)
+from fedcmp.common.codec import (MAX_METADATA_BYTES, WIRE_DTYPES, BlobIntegrityError, BlobLayout, BlobReceiver, ProjectorStreamCheck,
+                                 decode_params, decode_projector, encode_params, encode_projector, iter_chunks,
+                                 load_params_file, map_projector_file, receive_blob, save_params_file, sha256_hex,
+                                 through_wire)
 
 
 def projector(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -84,3 +87,105 @@ def test_a_failed_atomic_write_leaves_no_temp_file(tmp_path, monkeypatch) -> Non
     with pytest.raises(OSError, match="No space left"):
         codec.write_atomic(target, b"new")
     assert target.read_bytes() == b"old" and sorted(path.name for path in tmp_path.iterdir()) == ["run.json"]
+
+
+def projector_shapes_of(params: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in params.items()}
+
+
+@pytest.mark.parametrize("wire_dtype", list(WIRE_DTYPES))
+def test_the_layout_is_exactly_what_safetensors_writes(wire_dtype: str) -> None:
+    params = projector()
+    layout = BlobLayout.of(projector_shapes_of(params), wire_dtype)
+    blob = encode_projector(params, wire_dtype)
+    assert len(blob) == layout.size and blob[: len(layout.header)] == layout.header
+
+
+def test_bfloat16_halves_the_bytes_and_is_exact_for_bfloat16_values() -> None:
+    params = {key: value.to(torch.bfloat16).float() for key, value in projector().items()}
+    blob = encode_projector(params, "bfloat16")
+    assert len(blob) < 0.51 * len(encode_projector(params, "float32"))
+    decoded = decode_projector(blob)
+    assert all(decoded[key].dtype == torch.float32 and torch.equal(decoded[key], params[key]) for key in params)
+    rounded = decode_projector(encode_projector(projector(), "bfloat16"))  # other values: rounded, 8 mantissa bits
+    assert all(torch.allclose(rounded[key], projector()[key], rtol=2**-8, atol=0) for key in rounded)
+
+
+@pytest.mark.parametrize("wire_dtype", list(WIRE_DTYPES))
+def test_through_wire_is_what_the_receiver_decodes(wire_dtype: str) -> None:
+    params = projector()
+    travelled = through_wire(params, wire_dtype)
+    decoded = decode_projector(encode_projector(params, wire_dtype))
+    assert all(torch.equal(travelled[key], decoded[key]) for key in params)
+    if wire_dtype == "float32":  # the float32 wire is the identity, without a copy
+        assert all(travelled[key].data_ptr() == params[key].data_ptr() for key in params)
+
+
+@pytest.mark.parametrize("wire_dtype", list(WIRE_DTYPES))
+@pytest.mark.parametrize("chunk_bytes", [1, 3, 1000, 10**9])
+def test_the_stream_check_accepts_a_good_blob_in_any_chunking(wire_dtype: str, chunk_bytes: int) -> None:
+    params = projector()
+    blob = encode_projector(params, wire_dtype, metadata={"fedcmp.round": "3"})
+    check = ProjectorStreamCheck(BlobLayout.of(projector_shapes_of(params), wire_dtype), len(blob))
+    for chunk in iter_chunks(blob, chunk_bytes):
+        check.add(chunk)
+
+
+@pytest.mark.parametrize("wire_dtype", list(WIRE_DTYPES))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_the_stream_check_names_the_tensor_holding_a_non_finite_value(wire_dtype: str, bad: float) -> None:
+    params = projector()
+    params["linear_2.weight"][17, 5] = bad
+    blob = encode_projector(params, wire_dtype)
+    check = ProjectorStreamCheck(BlobLayout.of(projector_shapes_of(params), wire_dtype), len(blob))
+    with pytest.raises(BlobIntegrityError, match=r"non-finite values \(NaN/inf\) in linear_2.weight"):
+        for chunk in iter_chunks(blob, 3):  # elements split across chunks
+            check.add(chunk)
+
+
+@pytest.mark.parametrize("metadata, message", [
+    ({"note": "x" * (MAX_METADATA_BYTES + 1)}, "a safetensors header of .* bytes is refused"),
+    ({"round": 3}, None),  # safetensors itself refuses non-string metadata when encoding
+])
+def test_metadata_is_bounded(metadata, message) -> None:
+    params = projector()
+    layout = BlobLayout.of(projector_shapes_of(params), "float32")
+    if message is None:
+        with pytest.raises(Exception):
+            encode_params(params, metadata=metadata)
+        return
+    blob = encode_params(params, metadata=metadata)
+    assert not layout.admits_size(len(blob))
+    with pytest.raises(BlobIntegrityError, match=message):
+        ProjectorStreamCheck(layout, len(blob)).add(blob)
+
+
+def test_a_header_that_does_not_add_up_to_the_announced_size_is_refused() -> None:
+    params = projector()
+    layout = BlobLayout.of(projector_shapes_of(params), "float32")
+    blob = encode_params(params, metadata={"a": "b"})
+    with pytest.raises(BlobIntegrityError, match="do not make the announced"):
+        ProjectorStreamCheck(layout, len(blob) + 8).add(blob)
+
+
+def test_a_size_names_the_dtype_it_belongs_to() -> None:
+    layout = BlobLayout.of(projector_shapes_of(projector()), "float32")
+    as_float16 = len(encode_params({key: value.half() for key, value in projector().items()}))
+    assert re.search(r"in a 2-byte dtype \(.*F16.*\), which this run does not accept", layout.explain_size(as_float16))
+    assert "dtype" not in layout.explain_size(7).split("wire dtype")[1]
+
+
+@pytest.mark.parametrize("wire_dtype", list(WIRE_DTYPES))
+def test_a_mapped_projector_file_reads_as_float32(tmp_path, wire_dtype: str) -> None:
+    path = tmp_path / "upload.safetensors"
+    path.write_bytes(encode_projector(projector(), wire_dtype))
+    mapped = map_projector_file(path)
+    expected = decode_projector(path.read_bytes())
+    assert mapped.keys() == expected.keys()
+    assert all(mapped[key].dtype == torch.float32 and torch.equal(mapped[key], expected[key]) for key in expected)
+    if wire_dtype == "float32":  # views of one mapping, at the file's offsets: nothing was copied
+        spans = {key: start for key, start, _ in BlobLayout.of(projector_shapes_of(projector()), wire_dtype).spans}
+        base = mapped["linear_1.bias"].data_ptr() - spans["linear_1.bias"]
+        assert all(mapped[key].data_ptr() - base == spans[key] for key in spans)
+    with pytest.raises(BlobIntegrityError, match="cannot map"):
+        map_projector_file(tmp_path / "absent.safetensors")

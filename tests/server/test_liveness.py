@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from fedcmp.common.codec import decode_params, encode_params, sha256_hex
+from fedcmp.common.codec import BlobLayout, decode_projector, encode_projector, sha256_hex
 from fedcmp.server.liveness import GONE, ClientRecord, Progress, sweep, touch
 from fedcmp.server.rounds import Coordinator, Phase
 
@@ -46,10 +46,12 @@ class ManualClient:
         client = self.call()
         task = await self.coordinator.next_task(client, hold_s=0.05)
         assert (task.kind, task.round) == ("TRAIN", expect_round), task
-        blob_bytes, _ = self.coordinator.global_blob(task.global_version)
-        blob = encode_params({k: v + shift for k, v in decode_params(blob_bytes).items()})
+        encoded = self.coordinator.global_blob(task.global_version)
+        blob = encode_projector({k: v + shift for k, v in decode_projector(b"".join(encoded.chunks)).items()},
+                                "float32")
         await self.coordinator.store.spill_upload(task.round, self.client_id, 10, metrics or {"train_loss": shift},
-                                                  len(blob), sha256_hex(blob), _chunks(blob))
+                                                  len(blob), sha256_hex(blob), _chunks(blob),
+                                                  BlobLayout.of(SHAPES, "float32"))
         self.coordinator.upload_accepted(client, task.round)
 
     async def poll(self) -> str:

@@ -6,7 +6,7 @@ import asyncio
 import pytest
 import torch
 
-from fedcmp.common.codec import encode_params, iter_chunks, sha256_hex
+from fedcmp.common.codec import BlobLayout, decode_projector, encode_projector, iter_chunks, sha256_hex
 from fedcmp.common.projector import projector_shapes
 from fedcmp.common.recipe import Recipe
 from fedcmp.server.cli import restore_strategy
@@ -43,15 +43,13 @@ async def act_as_client(coordinator: Coordinator, client_id: str, shift: float, 
         if task.kind == "DONE":
             return kinds
         if task.kind == "TRAIN":
-            blob_bytes, _ = coordinator.global_blob(task.global_version)
-            from fedcmp.common.codec import decode_params
-
-            trained = {k: v + shift for k, v in decode_params(blob_bytes).items()}
-            blob = encode_params(trained)
+            encoded = coordinator.global_blob(task.global_version)
+            trained = {k: v + shift for k, v in decode_projector(b"".join(encoded.chunks)).items()}
+            blob = encode_projector(trained, "float32")
             assert coordinator.check_upload(client, task.round, task.global_version) is None
             await coordinator.store.spill_upload(task.round, client_id, num_samples,
                                                  {"train_loss": shift, "val_loss": 1.0 / task.round}, len(blob),
-                                                 sha256_hex(blob), _chunks(blob))
+                                                 sha256_hex(blob), _chunks(blob), BlobLayout.of(SHAPES, "float32"))
             coordinator.upload_accepted(client, task.round)
         elif task.kind == "EVALUATE":
             assert coordinator.accept_evaluation(client, task.global_version, 5, {"val_loss": 0.1}).accepted

@@ -11,7 +11,7 @@ import torch
 from fedcmp.common.codec import save_params_file
 from fedcmp.server.rounds import Coordinator
 from fedcmp.server.safe_aggregation import aggregate_safely
-from fedcmp.server.store import RunStore, SpilledUpload
+from fedcmp.server.store import UPLOAD_CHECKS, RunStore, SpilledUpload
 from fedcmp.server.strategies import build_strategy
 
 from .test_liveness import FAST, GUARD_S, ManualClient, until
@@ -22,10 +22,12 @@ GLOBAL = {"w": torch.zeros(4, 3), "b": torch.zeros(4)}
 
 def spill(store: RunStore, client_id: str, params: dict[str, torch.Tensor], num_samples: int = 10,
           round_index: int = 1) -> SpilledUpload:
-    """An upload as it lies on disk, written past every upload check (as a poisoned spill from an older version)."""
+    """An upload as it lies on disk, recorded as checked though it is not: the aggregation's defence in depth
+    behind the upload checks (which refuse NaN, foreign shapes and such sample counts as they stream in)."""
     path = store.upload_dir(round_index) / f"{client_id}.safetensors"
     save_params_file(path, params)
-    header = {"client_id": client_id, "round": round_index, "num_samples": num_samples, "metrics": {}}
+    header = {"client_id": client_id, "round": round_index, "num_samples": num_samples, "metrics": {},
+              "size": path.stat().st_size, "checks": UPLOAD_CHECKS}
     path.with_suffix(".json").write_text(json.dumps(header))
     return SpilledUpload(client_id, round_index, num_samples, {}, path)
 

@@ -2,29 +2,50 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+import io
 import json
+import threading
 
 import pytest
 import torch
+from safetensors import safe_open
 
-from fedcmp.common.codec import BlobIntegrityError, encode_params, iter_chunks, sha256_hex
-from fedcmp.server.store import RunStore, SpilledUpdates, StateError
+from fedcmp.common.codec import (BlobIntegrityError, BlobLayout, decode_projector, encode_params, encode_projector,
+                                 iter_chunks, sha256_hex)
+from fedcmp.server.store import RunStore, SpilledUpdates, StateError, UploadStorageError
+
+SHAPES = {"linear_1.weight": (4, 3), "linear_1.bias": (4,)}
+LAYOUT = BlobLayout.of(SHAPES, "float32")
 
 
 def params(value: float) -> dict[str, torch.Tensor]:
     return {"linear_1.weight": torch.full((4, 3), value), "linear_1.bias": torch.full((4,), value)}
 
 
-async def _chunks(blob: bytes, chunk_bytes: int = 16):
+async def _chunks(blob: bytes, chunk_bytes: int = 16, consumed: list[int] | None = None):
     for chunk in iter_chunks(blob, chunk_bytes):
+        if consumed is not None:
+            consumed.append(len(chunk))
         yield bytes(chunk)
 
 
-def spill(store: RunStore, client_id: str, value: float, round_index: int = 1, tamper: bool = False):
-    blob = encode_params(params(value))
+def spill(store: RunStore, client_id: str, value: float, round_index: int = 1, tamper: bool = False,
+          layout: BlobLayout = LAYOUT):
+    blob = encode_projector(params(value), layout.wire_dtype)
     sent = blob[:-1] + bytes([blob[-1] ^ 1]) if tamper else blob
     return asyncio.run(store.spill_upload(round_index, client_id, 10, {"train_loss": value}, len(blob),
-                                          sha256_hex(blob), _chunks(sent)))
+                                          sha256_hex(blob), _chunks(sent), layout))
+
+
+def safetensors_metadata(blob: bytes) -> dict[str, str]:
+    length = int.from_bytes(blob[:8], "little")
+    return json.loads(blob[8 : 8 + length])["__metadata__"]
+
+
+def leftovers(store: RunStore, round_index: int = 1) -> list[str]:
+    directory = store.upload_dir(round_index)
+    return sorted(p.name for p in directory.iterdir()) if directory.exists() else []
 
 
 def test_spilled_uploads_are_listed_and_loaded_lazily_in_client_order(tmp_path) -> None:
@@ -39,31 +60,167 @@ def test_spilled_uploads_are_listed_and_loaded_lazily_in_client_order(tmp_path) 
     assert store.has_upload(1, "alpha") and not store.has_upload(2, "alpha")
 
 
+def test_bfloat16_uploads_are_aggregated_as_float32(tmp_path) -> None:
+    store = RunStore(tmp_path)
+    spill(store, "c1", 1.5, layout=BlobLayout.of(SHAPES, "bfloat16"))
+    update = SpilledUpdates(store.uploads(1))[0]
+    assert update.params["linear_1.weight"].dtype == torch.float32
+    assert torch.equal(update.params["linear_1.weight"], torch.full((4, 3), 1.5))  # 1.5 is exact in bfloat16
+
+
 def test_a_corrupt_upload_leaves_nothing_behind(tmp_path) -> None:
     store = RunStore(tmp_path)
     with pytest.raises(BlobIntegrityError, match="sha256 mismatch"):
         spill(store, "c1", 1.0, tamper=True)
     assert store.uploads(1) == []
-    assert list(store.upload_dir(1).iterdir()) == []
+    assert leftovers(store) == []
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"linear_1.weight": torch.full((4, 3), float("nan")), "linear_1.bias": torch.zeros(4)}, "non-finite.*linear_1.weight"),
-    ({"linear_1.weight": torch.zeros(4, 2), "linear_1.bias": torch.zeros(4)}, "do not match the projector"),
-    ({"linear_1.weight": torch.zeros(4, 3)}, "do not match the projector"),
+@pytest.mark.parametrize("tensors, message", [
+    ({"linear_1.weight": torch.full((4, 3), float("nan")), "linear_1.bias": torch.zeros(4)},
+     "non-finite.*linear_1.weight"),
+    ({"linear_1.weight": torch.zeros(4, 3), "linear_1.bias": torch.tensor([0, 0, float("inf"), 0])},
+     "non-finite.*linear_1.bias"),
+    ({"linear_1.weight": torch.zeros(4, 2), "linear_1.bias": torch.zeros(4)}, "is not the 216 bytes"),
+    ({"linear_1.weight": torch.zeros(4, 3)}, "is not the 216 bytes"),
+    ({"linear_1.weight": torch.zeros(4, 3, dtype=torch.float16), "linear_1.bias": torch.zeros(4, dtype=torch.float16)},
+     "size of the projector in a 2-byte dtype .*F16"),
+    ({"linear_1.weight": torch.zeros(4, 3, dtype=torch.int64), "linear_1.bias": torch.zeros(4, dtype=torch.int64)},
+     "dtype I64 is refused: this run's wire dtype is float32"),
+    ({"linear_1.weight": torch.zeros(4, 3, dtype=torch.float8_e4m3fn),
+      "linear_1.bias": torch.zeros(4, dtype=torch.float8_e4m3fn)}, "in a 1-byte dtype .*F8_E4M3.*which this run does not accept"),
+    ({"linear_1.weight": torch.zeros(4, 3, dtype=torch.int32), "linear_1.bias": torch.zeros(4, dtype=torch.int32)},
+     "dtype I32 is refused: this run's wire dtype is float32"),
+    ({"linear_1.weight": torch.zeros(3, 4), "linear_1.bias": torch.zeros(4)},
+     r"tensors linear_1.bias\[4\], linear_1.weight\[3x4\] do not match"),
 ])
-def test_uploads_with_bad_contents_are_refused_and_leave_nothing(tmp_path, params, message) -> None:
+def test_uploads_with_bad_contents_are_refused_and_leave_nothing(tmp_path, tensors, message) -> None:
     store = RunStore(tmp_path)
-    blob = encode_params(params)
-    expected = {"linear_1.weight": [4, 3], "linear_1.bias": [4]}
+    blob = encode_params(tensors)
     with pytest.raises(BlobIntegrityError, match=message):
-        asyncio.run(store.spill_upload(1, "c1", 10, {}, len(blob), sha256_hex(blob), _chunks(blob), expected))
-    assert store.uploads(1) == [] and list(store.upload_dir(1).iterdir()) == []
+        asyncio.run(store.spill_upload(1, "c1", 10, {}, len(blob), sha256_hex(blob), _chunks(blob), LAYOUT))
+    assert store.uploads(1) == [] and leftovers(store) == []
+
+
+def test_a_wrong_size_is_refused_before_any_byte_is_read_or_written(tmp_path) -> None:
+    store = RunStore(tmp_path)
+    consumed: list[int] = []
+    with pytest.raises(BlobIntegrityError, match=f"announced size {2**50} bytes is not the"):
+        asyncio.run(store.spill_upload(1, "c1", 10, {}, 2**50, "0" * 64, _chunks(b"x" * 64, consumed=consumed),
+                                       LAYOUT))
+    assert consumed == [] and not store.upload_dir(1).exists()
+
+
+def test_concurrent_streams_of_one_client_and_round_publish_once(tmp_path) -> None:
+    """The honest stream is half-way when a NaN stream for the same (client, round) arrives."""
+    store = RunStore(tmp_path)
+    honest = encode_projector(params(1.0), "float32")
+    poisoned = encode_projector(params(float("nan")), "float32")
+    poisoned_read: list[int] = []
+
+    async def scenario():
+        halfway = asyncio.Event()
+
+        async def slow_honest_chunks():
+            for index, chunk in enumerate(iter_chunks(honest, 16)):
+                if index == 3:
+                    halfway.set()
+                    await asyncio.sleep(0.2)  # the other stream arrives now
+                yield bytes(chunk)
+
+        first = asyncio.create_task(store.spill_upload(1, "c1", 10, {}, len(honest), sha256_hex(honest),
+                                                       slow_honest_chunks(), LAYOUT))
+        await halfway.wait()
+        second = store.spill_upload(1, "c1", 10, {}, len(poisoned), sha256_hex(poisoned),
+                                    _chunks(poisoned, consumed=poisoned_read), LAYOUT)
+        return await asyncio.gather(first, second)
+
+    published, duplicate = asyncio.run(scenario())
+    assert published is not None and duplicate is None and poisoned_read == []
+    [upload] = store.uploads(1)
+    assert upload.path.read_bytes() == honest
+    assert leftovers(store) == ["c1.json", "c1.safetensors"]
+
+
+def test_a_refused_stream_does_not_block_the_next_one(tmp_path) -> None:
+    store = RunStore(tmp_path)
+    with pytest.raises(BlobIntegrityError, match="non-finite"):
+        spill(store, "c1", float("inf"))
+    assert spill(store, "c1", 2.0) is not None
+    assert spill(store, "c1", 3.0) is None  # already published: nothing read, nothing changed
+    assert torch.equal(SpilledUpdates(store.uploads(1))[0].params["linear_1.bias"], torch.full((4,), 2.0))
+
+
+class FailingDisk(io.RawIOBase):
+    """A spill file whose writes fail with `code` (ENOSPC, EIO) and that records the writing threads."""
+
+    def __init__(self, code: int, threads: list[str]) -> None:
+        self.code, self.threads = code, threads
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.threads.append(threading.current_thread().name)
+        raise OSError(self.code, "injected " + errno.errorcode[self.code])
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+def test_a_failing_disk_is_a_storage_error_that_leaves_nothing_and_can_be_retried(tmp_path, monkeypatch, code) -> None:
+    store = RunStore(tmp_path)
+    threads: list[str] = []
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "_spill_file", lambda fd: (__import__("os").close(fd), FailingDisk(code, threads))[1])
+        with pytest.raises(UploadStorageError, match="could not store the upload") as caught:
+            spill(store, "c1", 1.0)
+    assert caught.value.errno == code
+    assert threads and all(name.startswith("fedcmp-io") for name in threads)  # written off the event loop
+    assert leftovers(store) == []
+    assert spill(store, "c1", 1.0) is not None and len(store.uploads(1)) == 1
+
+
+@pytest.mark.parametrize("damage", ["legacy header", "negative samples", "non-finite metric", "truncated tensors",
+                                    "not json"])
+def test_a_poisoned_spilled_upload_is_dropped_and_named_on_resume(tmp_path, caplog, damage) -> None:
+    store = RunStore(tmp_path)
+    spill(store, "bad", 1.0)
+    spill(store, "good", 2.0)
+    header_file = store.upload_dir(1) / "bad.json"
+    header = json.loads(header_file.read_text())
+    if damage == "legacy header":  # what an older server spilled: no record of checks
+        header.pop("checks")
+    elif damage == "negative samples":
+        header["num_samples"] = -5
+    elif damage == "non-finite metric":
+        header["metrics"] = {"train_loss": float("nan")}
+    elif damage == "truncated tensors":
+        path = store.upload_dir(1) / "bad.safetensors"
+        path.write_bytes(path.read_bytes()[:-4])
+    header_file.write_text("{trunc" if damage == "not json" else json.dumps(header))
+    assert [upload.client_id for upload in RunStore(tmp_path).uploads(1)] == ["good"]
+    assert "dropped the spilled upload bad of round 1" in caplog.text
+    assert leftovers(store) == ["good.json", "good.safetensors"]
 
 
 def test_unsafe_client_ids_are_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="not a safe name"):
         RunStore(tmp_path).upload_path(1, "../etc/passwd")
+    with pytest.raises(ValueError, match="not a safe name"):
+        RunStore(tmp_path).upload_path(1, "c1\n")
+
+
+def test_a_global_is_encoded_once_per_version_and_wire_dtype(tmp_path) -> None:
+    store = RunStore(tmp_path)
+    store.commit_initial_global(store.create("{}", "fedavg"), params(0.5))
+    first = store.encoded_global(0, "float32")
+    assert store.encoded_global(0, "float32") is first
+    half = store.encoded_global(0, "bfloat16")
+    assert BlobLayout.of(SHAPES, "bfloat16").admits_size(half.size) and half.size < first.size
+    blob = b"".join(half.chunks)
+    assert len(blob) == half.size and sha256_hex(blob) == half.sha256
+    assert torch.equal(decode_projector(blob)["linear_1.bias"], torch.full((4,), 0.5))  # 0.5 is exact in bfloat16
+    with safe_open(store.global_path(0), framework="pt") as stored:  # the download keeps the global's provenance
+        assert stored.metadata() == safetensors_metadata(blob)
 
 
 def test_commit_then_resume_sees_exactly_the_committed_state(tmp_path) -> None:
@@ -84,12 +241,17 @@ def test_commit_then_resume_sees_exactly_the_committed_state(tmp_path) -> None:
     assert RunStore(tmp_path).load().done and final.final_metrics == {"val_loss": 0.25}
 
 
-def test_old_versions_are_pruned_but_the_predecessor_is_kept(tmp_path) -> None:
+def test_each_commit_keeps_the_last_two_globals_and_no_committed_uploads(tmp_path) -> None:
     store = RunStore(tmp_path)
     record = store.commit_initial_global(store.create("{}", "fedavg"), params(0.0))
-    for round_index in (1, 2, 3):
-        record = store.commit_round(record, round_index, params(float(round_index)), {}, {"round": round_index})
-    assert sorted(p.name for p in (tmp_path / "global").iterdir()) == ["v2.safetensors", "v3.safetensors"]
+    spill(store, "late", 1.0, round_index=1)
+    spill(store, "next", 1.0, round_index=5)  # the open round's uploads stay
+    for round_index in (2, 3, 4):  # a gap (v1 never written) still leaves only the last two
+        record = store.commit_round(record, round_index, params(float(round_index)), {"m": torch.ones(1)},
+                                    {"round": round_index})
+    assert sorted(p.name for p in (tmp_path / "global").iterdir()) == ["v3.safetensors", "v4.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "strategy").iterdir()) == ["r3.safetensors", "r4.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "uploads").iterdir()) == ["r5"]
 
 
 def test_an_existing_run_is_never_overwritten(tmp_path) -> None:
