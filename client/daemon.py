@@ -169,7 +169,7 @@ class ClientDaemon:
         log.info("round %d: global v%d held-out loss %.4f; training %d steps", task.round, task.global_version,
                  before["val_loss"], task.local_steps)
         params, metrics = self.session.train_round(global_params, task.round - 1, task.local_steps)
-        self.upload(task, params, {**metrics, **before})
+        self.upload(task, params, {**metrics, **before, **self.session.data_metrics()})
 
     def upload(self, task: pb.Task, params: dict[str, Tensor], metrics: dict[str, float]) -> None:
         model = self.session.model

@@ -10,7 +10,7 @@ from PIL import Image
 from torch import Tensor
 from transformers import LlavaForConditionalGeneration
 
-from fedcmp.client.data import load_llava_json
+from fedcmp.client.data import scan_data
 from fedcmp.client.model import ProjectorMLLM
 from fedcmp.common.projector import LinearProjector, MlpGeluProjector, init_projector_params
 from fedcmp.common.recipe import Recipe
@@ -24,8 +24,8 @@ def model(request: pytest.FixtureRequest, make_recipe: Callable[..., Recipe]) ->
 
 
 def _batch(model: ProjectorMLLM, folder: Path, count: int) -> tuple[list[Path], list[str]]:
-    examples = load_llava_json(folder)[:count]
-    return [example.image_path for example in examples], [example.caption for example in examples]
+    scanned = scan_data(folder)
+    return [scanned.source.image(row) for row in range(count)], scanned.captions[:count]
 
 
 def _llava_loss(model: ProjectorMLLM, paths: list[Path], caption_ids: Tensor, caption_mask: Tensor) -> Tensor:
