@@ -148,7 +148,7 @@ def run_client(args: argparse.Namespace) -> None:
         return forward(self, pixel_values)
 
     ProjectorMLLM.image_features = counted  # type: ignore[method-assign]
-    recipe = Recipe(vision_model=args.vision, llm=args.llm, vision_feature_layer=0, feature_cache=args.mode,
+    recipe = Recipe(vision_model=args.vision, llm=args.llm, vision_feature_layer=-1, feature_cache=args.mode,
                     batch_size=BATCH_SIZE, max_caption_tokens=16, val_fraction=0.05)
     began = time.perf_counter()
     session = LocalSession.open(Path(args.data), recipe, "bench",
@@ -325,7 +325,7 @@ def write_report(args: argparse.Namespace, rows: list[dict], speeds: dict[str, f
         "session open decodes every image once to find bad ones (no tower), and each round runs the tower on",
         "its batches.",
         "",
-        f"### Read throughput per format ({READ_IMAGES} images, scan + decode + preprocess, one process)",
+        f"### Read throughput per format ({min(READ_IMAGES, large)} images, scan + decode + preprocess, one process)",
         "",
         "| format | images/s |",
         "|---|---|",

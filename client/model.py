@@ -170,10 +170,10 @@ class ProjectorMLLM:
         """
         layer = self.llava.config.vision_feature_layer
         with self._autocast():
-            # hidden_states: num_layers + 1 tensors of [b, 1 + patches, vision_hidden] (embeddings first)
-            hidden_states = self.llava.model.vision_tower(
-                pixel_values.to(self.device), output_hidden_states=True
-            ).hidden_states
+            outputs = self.llava.model.vision_tower(pixel_values.to(self.device), output_hidden_states=True)
+        # num_layers + 1 tensors of [b, 1 + patches, vision_hidden] (embeddings first). transformers reports
+        # none for a tower without layers (a benchmark's stand-in): its one hidden state is last_hidden_state.
+        hidden_states = outputs.hidden_states or (outputs.last_hidden_state,)
         features = hidden_states[layer]  # [b, 1 + patches, vision_hidden]
         if self.llava.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]  # drop CLS -> [b, patches, vision_hidden]
