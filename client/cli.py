@@ -1,4 +1,8 @@
-"""`fedcmp-client`: join a coordinator with a local LLaVA-format dataset and train until DONE."""
+"""`fedcmp-client`: join a coordinator with a local dataset and train until DONE (or `--check` it alone).
+
+The data is scanned and validated before the coordinator is first contacted, so bad data ends
+the client at once with exit 2.
+"""
 from __future__ import annotations
 
 import argparse
@@ -9,10 +13,13 @@ from pathlib import Path
 
 import torch
 
+from fedcmp.client.data import DataError, DataOptions, ScannedData, scan_data
+from fedcmp.client.sources import FORMATS, Columns
 from fedcmp.client.daemon import ClientDaemon, ConnectionSettings, CoordinatorLink, CoordinatorUnreachable, RegistrationRefused
 from fedcmp.client.fingerprint import FingerprintError, fingerprint_backbones
 from fedcmp.common.constants import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE, RECONNECT_BUDGET_S
 from fedcmp.common.logs import setup_logging
+from fedcmp.common.recipe import RecipeError, load_recipe
 from fedcmp.common.security import SecurityConfigError, bearer_metadata, channel_credentials
 
 log = logging.getLogger("fedcmp.client")
@@ -20,11 +27,32 @@ log = logging.getLogger("fedcmp.client")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fedcmp-client", description=__doc__)
-    parser.add_argument("--server", required=True, help="coordinator address HOST:PORT")
+    parser.add_argument("--server", help="coordinator address HOST:PORT (required unless --check)")
     parser.add_argument("--data", required=True, type=Path,
-                        help="LLaVA pretraining JSON, or a folder holding chat.json and images/")
-    parser.add_argument("--image-folder", type=Path, help="where the JSON's image paths resolve (default: images/ "
-                                                          "beside the JSON)")
+                        help="LLaVA JSON (or a folder with chat.json + images/), JSON Lines, Parquet file(s), "
+                             "WebDataset .tar shard(s), or a `datasets` save_to_disk folder")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the data and backbones without any coordinator, print a report, exit 0 or 2")
+    parser.add_argument("--recipe", type=Path, help="with --check: the federation's recipe file (default: defaults)")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-format", default="auto", choices=("auto", *FORMATS), help="default: detected")
+    data.add_argument("--image-folder", type=Path, help="where relative image paths resolve (default: images/ beside "
+                                                        "a LLaVA JSON, else the data's folder)")
+    data.add_argument("--id-column", default=Columns.id, help="record field holding the example id (default: %(default)s; "
+                                                              "absent: the row number)")
+    data.add_argument("--image-column", default=Columns.image, help="record field holding the image path or bytes "
+                                                                    "(default: %(default)s)")
+    data.add_argument("--caption-column", default=Columns.caption,
+                      help="record field holding the caption (default: %(default)s; LLaVA conversations also work)")
+    data.add_argument("--on-bad-sample", choices=("skip", "fail"), default="skip",
+                      help="skip (and count) unusable samples, or stop at the first (default: %(default)s)")
+    data.add_argument("--max-bad-fraction", type=float, default=0.01,
+                      help="stop when more than this fraction of samples is bad (default: %(default)s)")
+    data.add_argument("--feature-cache", choices=("disk", "off"),
+                      help="frozen features cached on disk, or the tower on every batch (default: the recipe's)")
+    data.add_argument("--feature-cache-dir", type=Path, help="where the feature cache lives (default: "
+                                                             "<cache dir>/features)")
+    data.add_argument("--workers", type=int, default=2, help="processes decoding images (default: %(default)s)")
     parser.add_argument("--client-id", help="stable name of this client (default: the data folder's name)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--vision-model", help="local path or hub id standing in for the recipe's vision tower")
@@ -44,6 +72,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def data_options(args: argparse.Namespace) -> DataOptions:
+    if not 0.0 <= args.max_bad_fraction <= 1.0:
+        raise DataError(f"--max-bad-fraction must be in [0, 1], got {args.max_bad_fraction}")
+    if args.workers < 0:
+        raise DataError(f"--workers must be at least 0, got {args.workers}")
+    return DataOptions(format=args.data_format, image_folder=args.image_folder,
+                       columns=Columns(id=args.id_column, image=args.image_column, caption=args.caption_column),
+                       on_bad_sample=args.on_bad_sample, max_bad_fraction=args.max_bad_fraction,
+                       feature_cache_dir=args.feature_cache_dir, workers=args.workers)
+
+
+def local_overrides(args: argparse.Namespace) -> dict[str, object]:
+    """Recipe fields this client sets for itself."""
+    local = {"vision_model": args.vision_model, "llm": args.llm, "batch_size": args.batch_size,
+             "feature_cache": args.feature_cache}
+    return {key: value for key, value in local.items() if value is not None}
+
+
+def run_check(args: argparse.Namespace, scanned: ScannedData, options: DataOptions) -> int:
+    """--check: the report of `fedcmp.client.check`, exit 0; bad data or backbones exit 2."""
+    from fedcmp.client.check import check_site
+    from fedcmp.client.model import ProjectorMLLM
+
+    try:
+        recipe = load_recipe(args.recipe, local_overrides(args))
+    except RecipeError as error:
+        print(f"fedcmp-client: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        model = ProjectorMLLM.from_pretrained(recipe.vision_model, recipe.llm, recipe, args.device, args.cache_dir)
+    except (OSError, ValueError) as error:
+        print(f"fedcmp-client: cannot load the backbones ({recipe.vision_model}, {recipe.llm}): {error}",
+              file=sys.stderr)
+        return EXIT_USAGE
+    report = check_site(model, recipe, scanned, options)
+    print("\n".join(report.lines()))
+    print("check passed")
+    return EXIT_OK
+
+
 def default_client_id(data: Path) -> str:
     folder = data if data.is_dir() else data.parent
     return folder.resolve().name or "client"
@@ -53,11 +121,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.verbose)
     torch.set_num_threads(max(1, args.threads))
-    from fedcmp.client.data import DataError
     from fedcmp.client.trainer import LocalSession
 
-    if not args.data.exists():
-        print(f"fedcmp-client: --data {args.data} does not exist", file=sys.stderr)
+    if args.server is None and not args.check:
+        print("fedcmp-client: --server is required (or --check to validate the data alone)", file=sys.stderr)
+        return EXIT_USAGE
+    try:  # before any coordinator is contacted: bad data is exit 2 at once
+        options = data_options(args)
+        scanned = scan_data(args.data, options)
+        if args.check:
+            return run_check(args, scanned, options)
+    except DataError as error:
+        print(f"fedcmp-client: bad data: {error}", file=sys.stderr)
         return EXIT_USAGE
     client_id = args.client_id or default_client_id(args.data)
     try:
@@ -73,11 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     link = CoordinatorLink(ConnectionSettings(args.server, credentials, metadata, args.reconnect_budget))
     daemon = ClientDaemon(link, client_id)
     try:
-        recipe = daemon.fetch_recipe()
-        local = {"vision_model": args.vision_model, "llm": args.llm, "batch_size": args.batch_size}
-        recipe = recipe.model_copy(update={key: value for key, value in local.items() if value is not None})
-        session = LocalSession.open(args.data, recipe, client_id, device=args.device, cache_dir=args.cache_dir,
-                                    image_folder=args.image_folder, show_progress=not args.no_progress)
+        recipe = daemon.fetch_recipe().model_copy(update=local_overrides(args))
+        session = LocalSession.open(scanned, recipe, client_id, device=args.device, cache_dir=args.cache_dir,
+                                    options=options, show_progress=not args.no_progress)
         backbones = fingerprint_backbones(recipe.vision_model, recipe.llm, args.cache_dir)
         log.info("backbones: %s", backbones.describe())
         daemon.run(session, backbones)

@@ -198,7 +198,7 @@ class ClientDaemon:
                  before["val_loss"], task.local_steps)
         params, metrics = self.session.train_round(global_params, task.round - 1, task.local_steps,
                                                    on_step=heartbeat.progress)
-        self.upload(task, params, {**metrics, **before})
+        self.upload(task, params, {**metrics, **before, **self.session.data_metrics()})
 
     def upload(self, task: pb.Task, params: dict[str, Tensor], metrics: dict[str, float]) -> None:
         model = self.session.model

@@ -1,121 +1,151 @@
-"""A client's private data: LLaVA pretraining-format captions, validated, and its train/val split.
+"""A client's private data: the source scanned once, its bad samples accounted for, its train/val split.
 
-The format is LLaVA's `blip_laion_cc_sbu_558k.json` layout: a JSON list of
-`{"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": caption}]}`
-with `image` relative to an image folder (by default `images/` beside the JSON file). Every
-problem is reported as a `DataError` naming the file, the entry (index and id) and what is wrong.
+`scan_data` opens the site's data in whichever format it is kept (`fedcmp.client.sources`),
+reads every row's id, caption and image location (never the image pixels), and keeps what the
+session needs: the usable rows, their ids and captions, and a digest of the rows' content (the
+image files' size and mtime, the container files' stamp) that keys the feature cache. It needs
+no model and no coordinator, so a client validates its data before contacting anyone.
+
+Bad samples (unreadable records, empty captions, missing or undecodable images, duplicate
+ids) are skipped and counted by `BadSamples`, or end the run under `--on-bad-sample fail`; more
+than `max_bad_fraction` of the rows bad ends it too. The first few reasons are logged.
 """
 from __future__ import annotations
 
 import hashlib
-import json
-from dataclasses import dataclass
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Literal
 
-IMAGE_TOKEN = "<image>"
-DEFAULT_JSON_NAME = "chat.json"
-DEFAULT_IMAGE_FOLDER = "images"
+import numpy as np
 
+from fedcmp.client.sources import Columns, Source, open_source
+from fedcmp.client.sources.base import IMAGE_TOKEN, BadSample, DataError
 
-class DataError(ValueError):
-    """Client data that cannot be used; the message names the file, the entry and the problem."""
+__all__ = ["IMAGE_TOKEN", "BadSamples", "DataError", "DataOptions", "ScannedData", "scan_data", "split_train_val"]
+
+log = logging.getLogger("fedcmp.client")
+
+BadSamplePolicy = Literal["skip", "fail"]
+FIRST_REASONS = 5  # how many bad-sample reasons the log and the report keep
 
 
 @dataclass(frozen=True)
-class CaptionExample:
-    id: str
-    image_path: Path
-    caption: str
+class DataOptions:
+    """How a site's data is read: format, image folder, columns, bad samples, feature cache folder, decoding workers."""
+
+    format: str = "auto"
+    image_folder: Path | None = None
+    columns: Columns = Columns()
+    on_bad_sample: BadSamplePolicy = "skip"
+    max_bad_fraction: float = 0.01
+    feature_cache_dir: Path | None = None  # default: <cache dir>/features
+    workers: int = 2  # DataLoader processes decoding images
 
 
-def load_llava_json(path: Path, image_folder: Path | None = None) -> list[CaptionExample]:
-    """Read and validate a LLaVA pretraining-format file (or a folder holding `chat.json`)."""
-    json_path = Path(path)
-    if json_path.is_dir():
-        json_path = json_path / DEFAULT_JSON_NAME
-    images = Path(image_folder) if image_folder is not None else json_path.parent / DEFAULT_IMAGE_FOLDER
+@dataclass
+class BadSamples:
+    """Skipped rows: their count and the first few reasons; enforces the policy and the cap."""
 
-    try:
-        entries = json.loads(json_path.read_text(encoding="utf-8"))
-    except OSError as error:
-        raise DataError(f"{json_path}: cannot read: {error.strerror or error}") from error
-    except UnicodeDecodeError as error:
-        raise DataError(f"{json_path}: not UTF-8 text: {error}") from error
-    except json.JSONDecodeError as error:
-        where = f"line {error.lineno} column {error.colno}"
-        raise DataError(f"{json_path}: invalid JSON: {error.msg} at {where}") from error
-    if not isinstance(entries, list):
-        raise DataError(f"{json_path}: expected a JSON list of examples, got {type(entries).__name__}")
-    if not entries:
-        raise DataError(f"{json_path}: the dataset is empty")
+    policy: BadSamplePolicy = "skip"
+    max_fraction: float = 0.01
+    rows: dict[int, str] = field(default_factory=dict)  # source row -> reason
 
-    examples: list[CaptionExample] = []
-    first_index_of: dict[str, int] = {}
-    for index, entry in enumerate(entries):
-        example = _parse_entry(entry, index, json_path, images)
-        if example.id in first_index_of:
-            first = first_index_of[example.id]
-            raise DataError(f"{json_path}: entry {index} (id {example.id!r}): duplicate id (first in entry {first})")
-        first_index_of[example.id] = index
-        examples.append(example)
-    return examples
+    def add(self, row: int, reason: str) -> None:
+        if self.policy == "fail":
+            raise DataError(f"bad sample: {reason} (--on-bad-sample fail)")
+        if len(self.rows) < FIRST_REASONS:
+            log.warning("skipping a bad sample: %s", reason)
+        self.rows[row] = reason
+
+    def first_reasons(self) -> list[str]:
+        return [self.rows[row] for row in sorted(self.rows)[:FIRST_REASONS]]
+
+    def check(self, total: int) -> None:
+        """Refuse the data when more than `max_fraction` of its `total` rows are bad."""
+        if len(self.rows) > self.max_fraction * total:
+            raise DataError(
+                f"{len(self.rows)} of {total} samples are bad ({len(self.rows) / total:.1%}), more than the "
+                f"{self.max_fraction:.1%} allowed (--max-bad-fraction); first: {'; '.join(self.first_reasons())}")
+        if self.rows:
+            log.warning("skipped %d bad samples of %d", len(self.rows), total)
 
 
-def _parse_entry(entry: Any, index: int, json_path: Path, images: Path) -> CaptionExample:
-    if not isinstance(entry, dict):
-        raise DataError(f"{json_path}: entry {index}: expected an object, got {type(entry).__name__}")
-    raw_id = entry.get("id")
-    if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or str(raw_id) == "":
-        raise DataError(f"{json_path}: entry {index}: missing or invalid 'id' (a non-empty string or integer)")
-    example_id = str(raw_id)
+@dataclass
+class ScannedData:
+    """The usable rows of a source: source row numbers, ids and captions, aligned."""
 
-    def fail(problem: str) -> DataError:
-        return DataError(f"{json_path}: entry {index} (id {example_id!r}): {problem}")
+    source: Source
+    rows: np.ndarray  # [n] int64, increasing source row numbers
+    ids: list[str]
+    captions: list[str]
+    content_digest: str  # changes when any row's id, caption or image (file stamp) changes
+    bad: BadSamples
 
-    image = entry.get("image")
-    if not isinstance(image, str) or not image:
-        raise fail("missing or invalid 'image' (a path relative to the image folder)")
-    conversations = entry.get("conversations")
-    if not isinstance(conversations, list):
-        raise fail("missing or invalid 'conversations' (a list of turns)")
-    turns = [turn for turn in conversations if isinstance(turn, dict) and isinstance(turn.get("value"), str)]
-    if not any(turn.get("from") == "human" and IMAGE_TOKEN in turn["value"] for turn in turns):
-        raise fail(f"no human turn containing {IMAGE_TOKEN}")
-    gpt_turns = [turn for turn in turns if turn.get("from") == "gpt"]
-    if not gpt_turns:
-        raise fail("no gpt turn (the caption)")
-    caption = gpt_turns[0]["value"].strip()
-    if not caption:
-        raise fail("empty caption")
-    if IMAGE_TOKEN in caption:
-        raise fail(f"the caption contains {IMAGE_TOKEN}")
-    image_path = images / image
-    if not image_path.is_file():
-        raise fail(f"image file not found: {image_path}")
-    return CaptionExample(id=example_id, image_path=image_path, caption=caption)
+    def drop(self, rows: Sequence[int]) -> ScannedData:
+        """The same scan without the source rows `rows` (found bad later, when their images were decoded)."""
+        unwanted = set(rows)
+        keep = [index for index, row in enumerate(self.rows.tolist()) if row not in unwanted]
+        return ScannedData(self.source, self.rows[keep], [self.ids[i] for i in keep],
+                           [self.captions[i] for i in keep], self.content_digest, self.bad)
 
 
-def split_train_val(
-    examples: Sequence[CaptionExample], val_fraction: float, seed: int
-) -> tuple[list[CaptionExample], list[CaptionExample]]:
-    """Deterministic train/val split: the examples with the smallest hash(seed, id) go to val.
+def scan_data(path: Path, options: DataOptions = DataOptions()) -> ScannedData:
+    """Open `path` and read every row's record (not its image); bad rows are skipped or fatal per `options`."""
+    source = open_source(path, options.format, options.image_folder, options.columns)
+    bad = BadSamples(options.on_bad_sample, options.max_bad_fraction)
+    digest = hashlib.sha256(f"{source.format}\n{source.stamp()}\n".encode())
+    rows: list[int] = []
+    ids: list[str] = []
+    captions: list[str] = []
+    first_row_of: dict[str, int] = {}
+    for row in range(len(source)):
+        try:
+            entry = source.entry(row)
+            if entry.id in first_row_of:
+                raise BadSample(f"row {row}: duplicate id {entry.id!r} (first in row {first_row_of[entry.id]})")
+            image_stamp = ""
+            if entry.image_path is not None:
+                try:
+                    status = os.stat(entry.image_path)
+                except OSError as error:
+                    raise BadSample(f"{entry.id!r}: image file not found: {entry.image_path}") from error
+                image_stamp = f"{entry.image_path}:{status.st_size}:{status.st_mtime_ns}"
+        except BadSample as error:
+            bad.add(row, str(error))
+            digest.update(f"{row}\tbad\n".encode())
+            continue
+        first_row_of[entry.id] = row
+        digest.update(f"{row}\t{entry.id}\t{entry.caption}\t{image_stamp}\n".encode())
+        rows.append(row)
+        ids.append(entry.id)
+        captions.append(entry.caption)
+    bad.check(len(source))
+    if not rows:
+        raise DataError(f"{path}: no usable samples")
+    return ScannedData(source, np.array(rows, dtype=np.int64), ids, captions, digest.hexdigest(), bad)
 
-    Membership depends only on (seed, ids), not on list order; each split keeps the input order.
-    With `val_fraction > 0` and at least two examples, val holds round(val_fraction * n) examples,
-    at least one, and train is never empty.
+
+def split_train_val(ids: Sequence[str], val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Deterministic train/val split of `ids`: the positions with the smallest hash(seed, id) go to val.
+
+    Returns (train positions, val positions), each increasing. Membership depends only on
+    (seed, ids), not on their order. With `val_fraction > 0` and at least two ids, val holds
+    round(val_fraction * n) positions, at least one, and train is never empty.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    count = len(examples)
+    count = len(ids)
     num_val = 0
     if val_fraction > 0 and count >= 2:
         num_val = min(max(1, round(val_fraction * count)), count - 1)
-    by_hash = sorted(examples, key=lambda example: (_split_hash(seed, example.id), example.id))
-    val_ids = {example.id for example in by_hash[:num_val]}
-    train = [example for example in examples if example.id not in val_ids]
-    val = [example for example in examples if example.id in val_ids]
-    return train, val
+    by_hash = sorted(range(count), key=lambda position: (_split_hash(seed, ids[position]), ids[position]))
+    val = sorted(by_hash[:num_val])
+    val_set = set(val)
+    return [position for position in range(count) if position not in val_set], val
 
 
 def _split_hash(seed: int, example_id: str) -> bytes:

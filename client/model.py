@@ -6,10 +6,11 @@ model's `model.vision_tower`, `model.language_model` and `lm_head`, and a fresh 
 (`fedcmp.common.projector`, keyed like transformers' `multi_modal_projector`) sits between them.
 Everything but the projector is frozen.
 
-Training never re-runs the vision tower: `encode_images` computes the frozen features once
-(layer `vision_feature_layer`, CLS dropped under the `default` strategy, exactly as
-`LlavaModel.get_image_features` selects them) and `caption_nll` feeds their projection to the LM
-as input embeddings, following LLaVA's `plain` pretraining template.
+`image_features` computes the frozen features of preprocessed images (layer
+`vision_feature_layer`, CLS dropped under the `default` strategy, exactly as
+`LlavaModel.get_image_features` selects them; `fedcmp.client.features` caches them or runs it
+per batch) and `caption_nll` feeds their projection to the LM as input embeddings, following
+LLaVA's `plain` pretraining template.
 
 On CUDA the frozen backbones are held in bfloat16 and forwards run under bf16 autocast; the
 projector's (master) weights stay float32. On CPU everything is float32.
@@ -22,7 +23,6 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 from transformers import (
@@ -39,7 +39,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from fedcmp.client.data import IMAGE_TOKEN, DataError
+from fedcmp.client.data import IMAGE_TOKEN
+from fedcmp.client.sources.images import load_rgb
 from fedcmp.common.projector import build_projector, describe_shapes, init_projector_params, projector_shapes
 from fedcmp.common.recipe import Recipe
 
@@ -151,21 +152,32 @@ class ProjectorMLLM:
 
     @torch.no_grad()
     def encode_images(self, paths: Sequence[Path], batch_size: int, show_progress: bool = False) -> Tensor:
-        """Frozen vision features [N, P, vision_hidden] as the projector sees them; float32 on CPU."""
-        layer = self.llava.config.vision_feature_layer
+        """Frozen vision features [N, P, vision_hidden] of image files; float32 on CPU."""
         chunks: list[Tensor] = [torch.empty(0, self.num_image_tokens, self.vision_hidden)]
         starts = range(0, len(paths), batch_size)
         for start in tqdm(starts, desc="encoding images", unit="batch", disable=None if show_progress else True):
-            images = [_open_rgb(Path(path)) for path in paths[start : start + batch_size]]
-            pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"].to(self.device)
-            with self._autocast():
-                # hidden_states: num_layers + 1 tensors of [b, 1 + patches, vision_hidden] (embeddings first)
-                hidden_states = self.llava.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states
-            features = hidden_states[layer]  # [b, 1 + patches, vision_hidden]
-            if self.llava.config.vision_feature_select_strategy == "default":
-                features = features[:, 1:]  # drop CLS -> [b, patches, vision_hidden]
-            chunks.append(features.to("cpu", torch.float32))
+            images = [load_rgb(Path(path), str(path)) for path in paths[start : start + batch_size]]
+            pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            chunks.append(self.image_features(pixel_values).to("cpu", torch.float32))
         return torch.cat(chunks)
+
+    @torch.no_grad()
+    def image_features(self, pixel_values: Tensor) -> Tensor:
+        """Frozen vision features [b, P, vision_hidden] of preprocessed images [b, 3, H, W], on the model's device.
+
+        Layer `vision_feature_layer`, CLS dropped under the `default` strategy, exactly as
+        `LlavaModel.get_image_features` selects them.
+        """
+        layer = self.llava.config.vision_feature_layer
+        with self._autocast():
+            outputs = self.llava.model.vision_tower(pixel_values.to(self.device), output_hidden_states=True)
+        # num_layers + 1 tensors of [b, 1 + patches, vision_hidden] (embeddings first). transformers reports
+        # none for a tower without layers (a benchmark's stand-in): its one hidden state is last_hidden_state.
+        hidden_states = outputs.hidden_states or (outputs.last_hidden_state,)
+        features = hidden_states[layer]  # [b, 1 + patches, vision_hidden]
+        if self.llava.config.vision_feature_select_strategy == "default":
+            features = features[:, 1:]  # drop CLS -> [b, patches, vision_hidden]
+        return features
 
     def tokenize_captions(self, captions: Sequence[str]) -> tuple[Tensor, Tensor]:
         """Caption ids [N, L] (caption + eos, at most `max_caption_tokens`, right-padded) and their mask [N, L]."""
@@ -228,14 +240,6 @@ def _num_image_tokens(vision_config: PreTrainedConfig, select_strategy: str) -> 
     """P: one token per patch, plus CLS when the `full` strategy keeps it."""
     patches = (vision_config.image_size // vision_config.patch_size) ** 2
     return patches + (1 if select_strategy == "full" else 0)
-
-
-def _open_rgb(path: Path) -> Image.Image:
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except OSError as error:  # includes PIL's UnidentifiedImageError
-        raise DataError(f"{path}: cannot read image: {error}") from error
 
 
 def _load_vision_tower(path: str, dtype: torch.dtype, cache_dir: Path | None) -> PreTrainedModel:

@@ -1,7 +1,8 @@
 """One client's local training: its data, model and cached features, and the per-round loop.
 
 A `LocalSession` is opened once per client and reused round after round (by the daemon and by
-the in-process simulator). It encodes every image once, since the vision tower is frozen.
+the in-process simulator). Its splits read features through `fedcmp.client.features`: from the
+on-disk cache (the frozen tower ran once) or from the tower live, which the loop does not see.
 
 Determinism: the batches of a round are a pure function of (recipe.seed, client_id,
 round_index, local_steps, num_train_samples). Training reads a stream of successive seeded
@@ -22,20 +23,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from fedcmp.client.data import CaptionExample, load_llava_json, split_train_val
+from fedcmp.client.data import DataOptions, ScannedData, scan_data
 from fedcmp.client.evaluation import caption_nll
-from fedcmp.client.features import EncodedSplit, TensorFeatures
+from fedcmp.client.features import EncodedSplit, open_features, split_session_data
 from fedcmp.client.model import ProjectorMLLM
 from fedcmp.common.recipe import Recipe
-
-
-def encode_examples(
-    model: ProjectorMLLM, examples: Sequence[CaptionExample], batch_size: int, show_progress: bool = False
-) -> EncodedSplit:
-    """Run the frozen vision tower and the tokenizer over `examples` once; features stay in RAM."""
-    features = model.encode_images([example.image_path for example in examples], batch_size, show_progress)
-    caption_ids, caption_mask = model.tokenize_captions([example.caption for example in examples])
-    return EncodedSplit([example.id for example in examples], TensorFeatures(features), caption_ids, caption_mask)
 
 
 def batch_schedule(
@@ -71,37 +63,39 @@ class LocalSession:
     val: EncodedSplit
     show_progress: bool = False
 
+    bad_samples: int = 0  # rows of the site's data skipped as unusable
+
     @classmethod
     def open(
         cls,
-        data: Path,
+        data: Path | ScannedData,
         recipe: Recipe,
         client_id: str,
         device: str = "cpu",
         cache_dir: Path | None = None,
-        image_folder: Path | None = None,
+        options: DataOptions = DataOptions(),
         show_progress: bool = False,
     ) -> LocalSession:
-        """Load and split the data, load the model, and encode every image once."""
-        examples = load_llava_json(data, image_folder)
+        """Scan the data (unless already scanned), load the model, and make the features ready."""
+        scanned = data if isinstance(data, ScannedData) else scan_data(data, options)
         model = ProjectorMLLM.from_pretrained(recipe.vision_model, recipe.llm, recipe, device, cache_dir)
-        return cls.from_examples(model, recipe, client_id, examples, show_progress)
+        return cls.from_scan(model, recipe, client_id, scanned, options, cache_dir, show_progress)
 
     @classmethod
-    def from_examples(
+    def from_scan(
         cls,
         model: ProjectorMLLM,
         recipe: Recipe,
         client_id: str,
-        examples: Sequence[CaptionExample],
+        scanned: ScannedData,
+        options: DataOptions = DataOptions(),
+        cache_dir: Path | None = None,
         show_progress: bool = False,
     ) -> LocalSession:
-        """A session over already-loaded examples and model (the simulator shares one model among clients)."""
-        train_examples, val_examples = split_train_val(examples, recipe.val_fraction, recipe.seed)
-        encoded = encode_examples(model, train_examples + val_examples, recipe.batch_size, show_progress)
-        num_train = len(train_examples)
-        train, val = encoded.take(torch.arange(num_train)), encoded.take(torch.arange(num_train, len(encoded)))
-        return cls(client_id, recipe, model, train, val, show_progress)
+        """A session over scanned data and a loaded model (the simulator shares one model among clients)."""
+        whole = open_features(model, recipe, scanned, options, cache_dir, show_progress)
+        train, val = split_session_data(whole, recipe)
+        return cls(client_id, recipe, model, train, val, show_progress, len(scanned.bad.rows))
 
     @property
     def num_train_samples(self) -> int:
@@ -113,6 +107,10 @@ class LocalSession:
 
     def signature(self) -> dict[str, tuple[int, ...]]:
         return self.model.signature()
+
+    def data_metrics(self) -> dict[str, float]:
+        """What the client reports about its data with every update."""
+        return {"bad_samples": float(self.bad_samples)}
 
     def evaluate(self, params: dict[str, Tensor]) -> dict[str, float]:
         """Mean token NLL of `params` on the val split and its token count.

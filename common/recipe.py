@@ -40,6 +40,10 @@ class Recipe(BaseModel):
     vision_fingerprint: str | None = Field(default=None, pattern=FINGERPRINT_PATTERN)
     llm_fingerprint: str | None = Field(default=None, pattern=FINGERPRINT_PATTERN)
     max_caption_tokens: int = Field(default=48, ge=4)
+    # Frozen vision features: computed once into a memory-mapped cache on disk, or by the tower on
+    # every batch ("off"; a client may choose with --feature-cache). Both round them to feature_dtype.
+    feature_cache: Literal["disk", "off"] = "disk"
+    feature_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
 
     # Federation.
     strategy: str = "fedavg"

@@ -24,11 +24,11 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from fedcmp.client.data import load_llava_json
+from fedcmp.client.data import scan_data
 from fedcmp.client.evaluation import caption_nll, retrieval_accuracy
 from fedcmp.client.model import ProjectorMLLM
-from fedcmp.client.features import EncodedSplit, concat_splits
-from fedcmp.client.trainer import LocalSession, encode_examples
+from fedcmp.client.features import EncodedSplit, concat_splits, open_features
+from fedcmp.client.trainer import LocalSession
 from fedcmp.common.codec import through_wire
 from fedcmp.common.projector import init_projector_params
 from fedcmp.common.recipe import Recipe
@@ -56,16 +56,17 @@ class Federation:
         if not folders:
             raise FileNotFoundError(f"{root} holds no client_* folders (write one with `fedcmp-data --out {root}`)")
         model = ProjectorMLLM.from_pretrained(recipe.vision_model, recipe.llm, recipe, device, cache_dir)
-        sessions = {folder.name: LocalSession.from_examples(model, recipe, folder.name, load_llava_json(folder))
-                    for folder in folders}
+        sessions = {folder.name: LocalSession.from_scan(model, recipe, folder.name, scan_data(folder),
+                                                        cache_dir=cache_dir) for folder in folders}
         test_folder = Path(root) / "test"
-        test = (encode_examples(model, load_llava_json(test_folder), recipe.batch_size)
+        test = (open_features(model, recipe, scan_data(test_folder), cache_dir=cache_dir)
                 if load_test and test_folder.exists() else None)
         return cls(model, sessions, test)
 
     def with_recipe(self, recipe: Recipe) -> Federation:
         """The same encoded data under another recipe (strategy, lr, rounds...): no re-encoding."""
-        sessions = {cid: LocalSession(cid, recipe, self.model, s.train, s.val) for cid, s in self.sessions.items()}
+        sessions = {cid: LocalSession(cid, recipe, self.model, s.train, s.val, bad_samples=s.bad_samples)
+                    for cid, s in self.sessions.items()}
         return Federation(self.model, sessions, self.test)
 
 

@@ -5,7 +5,9 @@ so they load through the same `from_pretrained` path as the micro zoo and real m
 """
 from __future__ import annotations
 
+import io
 import json
+import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,3 +183,55 @@ def make_recipe(backbones: Backbones) -> Callable[..., Recipe]:
         return Recipe(**(fields | overrides))
 
     return make
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_dataset(folder: Path, format: str, count: int) -> Path:
+    """Scenes 0 .. count - 1 (ids, captions and pixels as `write_llava_folder`) in `format`; returns --data."""
+    if format == "llava-json":
+        return write_llava_folder(folder, count)
+    folder.mkdir(parents=True)
+    records = [(f"scene-{index:05d}", *scene(index)) for index in range(count)]
+    if format == "jsonl":
+        (folder / "images").mkdir()
+        lines = []
+        for example_id, caption, image in records:
+            image.save(folder / "images" / f"{example_id}.png")
+            lines.append(json.dumps({"id": example_id, "image": f"images/{example_id}.png", "caption": caption}))
+        (folder / "data.jsonl").write_text("\n".join(lines) + "\n")
+        return folder / "data.jsonl"
+    if format == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        half = count // 2
+        for part, chunk in enumerate((records[:half], records[half:])):  # two files of several row groups
+            table = pa.table({"key": [r[0] for r in chunk], "jpg": [png_bytes(r[2]) for r in chunk],
+                              "txt": [r[1] for r in chunk]})
+            pq.write_table(table, folder / f"part-{part}.parquet", row_group_size=3)
+        return folder
+    if format == "webdataset":
+        half = count // 2
+        for part, chunk in enumerate((records[:half], records[half:])):
+            with tarfile.open(folder / f"shard-{part:04d}.tar", "w") as tar:
+                for position, (example_id, caption, image) in enumerate(chunk):
+                    text = json.dumps({"caption": caption}) if position % 2 else caption
+                    for name, data in ((f"{example_id}.png", png_bytes(image)),
+                                       (f"{example_id}.{'json' if position % 2 else 'txt'}", text.encode())):
+                        info = tarfile.TarInfo(name)
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+        return folder
+    if format == "hf-datasets":
+        import datasets
+
+        dataset = datasets.Dataset.from_dict({"id": [r[0] for r in records], "caption": [r[1] for r in records],
+                                              "image": [{"bytes": png_bytes(r[2]), "path": None} for r in records]})
+        dataset.cast_column("image", datasets.Image()).save_to_disk(str(folder))
+        return folder
+    raise ValueError(format)

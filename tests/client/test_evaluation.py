@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from fedcmp.client.data import load_llava_json
+from fedcmp.client.data import scan_data
+from fedcmp.client.features import open_features
 from fedcmp.client.evaluation import caption_nll, retrieval_accuracy
 from fedcmp.client.model import ProjectorMLLM
-from fedcmp.client.trainer import encode_examples
 from fedcmp.common.recipe import Recipe
 
 
@@ -66,7 +66,7 @@ def test_retrieval_needs_enough_distinct_captions() -> None:
 def encoded(scenes: Path, make_recipe: Callable[..., Recipe]) -> tuple[ProjectorMLLM, Tensor, Tensor, Tensor]:
     recipe = make_recipe()
     model = ProjectorMLLM.from_pretrained(recipe.vision_model, recipe.llm, recipe)
-    split = encode_examples(model, load_llava_json(scenes), batch_size=8)
+    split = open_features(model, recipe, scan_data(scenes))
     return model, split.features[:], split.caption_ids, split.caption_mask
 
 

@@ -10,7 +10,7 @@ from PIL import Image
 from torch import Tensor
 from transformers import LlavaForConditionalGeneration
 
-from fedcmp.client.data import load_llava_json
+from fedcmp.client.data import scan_data
 from fedcmp.client.model import ProjectorMLLM
 from fedcmp.common.projector import LinearProjector, MlpGeluProjector, init_projector_params
 from fedcmp.common.recipe import Recipe
@@ -24,8 +24,8 @@ def model(request: pytest.FixtureRequest, make_recipe: Callable[..., Recipe]) ->
 
 
 def _batch(model: ProjectorMLLM, folder: Path, count: int) -> tuple[list[Path], list[str]]:
-    examples = load_llava_json(folder)[:count]
-    return [example.image_path for example in examples], [example.caption for example in examples]
+    scanned = scan_data(folder)
+    return [scanned.source.image(row) for row in range(count)], scanned.captions[:count]
 
 
 def _llava_loss(model: ProjectorMLLM, paths: list[Path], caption_ids: Tensor, caption_mask: Tensor) -> Tensor:
@@ -151,3 +151,19 @@ def test_full_strategy_and_last_layer_match_llava(make_recipe: Callable[..., Rec
     with torch.no_grad():
         nll, tokens = model.caption_nll(features, caption_ids, caption_mask)
     torch.testing.assert_close(nll.sum() / tokens.sum(), _llava_loss(model, paths, caption_ids, caption_mask))
+
+
+def test_a_tower_without_layers_gives_its_embeddings(tmp_path: Path, make_recipe: Callable[..., Recipe]) -> None:
+    from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig(hidden_size=24, intermediate_size=48, num_hidden_layers=0, num_attention_heads=2,
+                              image_size=32, patch_size=8)
+    CLIPVisionModel(config).save_pretrained(tmp_path)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    recipe = make_recipe(vision_model=str(tmp_path), vision_feature_layer=-1)
+    model = ProjectorMLLM.from_pretrained(recipe.vision_model, recipe.llm, recipe)
+    pixels = torch.randn(2, 3, 32, 32)
+    tower = model.llava.model.vision_tower
+    with torch.no_grad():
+        embeddings = tower.pre_layrnorm(tower.embeddings(pixels))  # [2, 1 + 16, 24]
+    assert torch.equal(model.image_features(pixels), embeddings[:, 1:])

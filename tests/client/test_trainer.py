@@ -9,9 +9,12 @@ import pytest
 import torch
 from torch import Tensor
 
+from fedcmp.client.data import DataOptions
 from fedcmp.client.evaluation import caption_nll
+from fedcmp.client.sources import FORMATS, Columns
 from fedcmp.client.trainer import LocalSession, batch_schedule
 from fedcmp.common.recipe import Recipe
+from tests.client.conftest import write_dataset
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +99,19 @@ def test_fedprox_keeps_params_closer_to_global(scenes: Path, make_recipe: Callab
     without, _ = plain.train_round(global_params, round_index=0, local_steps=10)
     with_prox, _ = prox.train_round(global_params, round_index=0, local_steps=10)
     assert _distance(with_prox, global_params) < 0.9 * _distance(without, global_params)
+
+
+@pytest.mark.parametrize("format", [f for f in FORMATS if f != "llava-json"])
+def test_every_format_trains_the_same_update(format: str, scenes: Path, tmp_path: Path,
+                                             make_recipe: Callable[..., Recipe]) -> None:
+    recipe = make_recipe()
+    columns = Columns(id="key", image="jpg", caption="txt") if format == "parquet" else Columns()
+    options = DataOptions(feature_cache_dir=tmp_path / "features")
+    reference = LocalSession.open(scenes, recipe, client_id="alice", options=options)
+    other = LocalSession.open(write_dataset(tmp_path / format, format, 16), recipe, client_id="alice",
+                              options=DataOptions(columns=columns, feature_cache_dir=tmp_path / "features"))
+    assert other.train.ids == reference.train.ids and other.val.ids == reference.val.ids
+    start = reference.model.projector_params()
+    expected, _ = reference.train_round(start, round_index=0, local_steps=3)
+    got, _ = other.train_round(start, round_index=0, local_steps=3)
+    assert all(torch.equal(expected[key], got[key]) for key in expected)
