@@ -11,6 +11,7 @@ import torch
 
 from fedcmp.client.daemon import ClientDaemon, ConnectionSettings, CoordinatorLink, CoordinatorUnreachable, RegistrationRefused
 from fedcmp.client.fingerprint import FingerprintError, fingerprint_backbones
+from fedcmp.common.cliflags import add_common_flags
 from fedcmp.common.constants import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE, RECONNECT_BUDGET_S
 from fedcmp.common.logs import setup_logging
 from fedcmp.common.security import SecurityConfigError, bearer_metadata, channel_credentials
@@ -41,6 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="seconds to keep retrying an unreachable coordinator before giving up")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("-v", "--verbose", action="store_true")
+    add_common_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -51,10 +53,11 @@ def default_client_id(data: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging(args.verbose)
-    torch.set_num_threads(max(1, args.threads))
     from fedcmp.client.data import DataError
-    from fedcmp.client.trainer import LocalSession
+    from fedcmp.client.trainer import LocalSession  # imports transformers, whose logging setup_logging adopts
+
+    setup_logging(args.verbose, args.log_format)
+    torch.set_num_threads(max(1, args.threads))
 
     if not args.data.exists():
         print(f"fedcmp-client: --data {args.data} does not exist", file=sys.stderr)

@@ -14,6 +14,7 @@ import grpc
 import torch
 from grpc_health.v1 import health_pb2
 
+from fedcmp.common.cliflags import add_common_flags
 from fedcmp.common.constants import DEFAULT_PORT, EXIT_OK, EXIT_USAGE
 from fedcmp.common.logs import setup_logging
 from fedcmp.common.recipe import Recipe, RecipeError, load_recipe
@@ -51,6 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (/metrics)")
     parser.add_argument("--port-file", type=Path, help="write the bound port here once serving (for scripts)")
     parser.add_argument("-v", "--verbose", action="store_true")
+    add_common_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -136,7 +138,7 @@ async def serve(args: argparse.Namespace, coordinator: Coordinator, credentials:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, args.log_format)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     try:
         credentials, tokens = security(args)
