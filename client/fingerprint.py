@@ -64,7 +64,10 @@ def fingerprint_folder(folder: Path, cache_dir: Path | None = None) -> str:
     for path in weights:
         digest.update(f"\n{path.name} {_sha256_file(path)}".encode())
     fingerprint = digest.hexdigest()
-    write_atomic(cache_file, json.dumps({"folder": str(folder), "stamp": stamp, "fingerprint": fingerprint}).encode())
+    try:
+        write_atomic(cache_file, json.dumps({"folder": str(folder), "stamp": stamp, "fingerprint": fingerprint}).encode())
+    except OSError as error:  # a read-only cache (e.g. a read-only container filesystem) only costs a re-hash
+        log.warning("cannot cache the fingerprint of %s in %s: %s", folder, cache_file.parent, error.strerror or error)
     return fingerprint
 
 

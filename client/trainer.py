@@ -16,7 +16,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -128,9 +128,13 @@ class LocalSession:
         return {"val_loss": val_loss, "val_tokens": float(val.caption_mask.sum().item())}
 
     def train_round(
-        self, global_params: dict[str, Tensor], round_index: int, local_steps: int
+        self, global_params: dict[str, Tensor], round_index: int, local_steps: int,
+        on_step: Callable[[int, float], None] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, float]]:
-        """`local_steps` optimizer steps from `global_params`; returns the local projector and metrics."""
+        """`local_steps` optimizer steps from `global_params`; returns the local projector and metrics.
+
+        `on_step(steps done, loss)` is called after every optimizer step (progress reporting).
+        """
         if local_steps < 1:
             raise ValueError(f"local_steps must be at least 1, got {local_steps}")
         recipe, model = self.recipe, self.model
@@ -162,6 +166,8 @@ class LocalSession:
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
             progress.set_postfix(loss=f"{losses[-1]:.4f}")
+            if on_step is not None:
+                on_step(len(losses), losses[-1])
 
         metrics = {
             "train_loss": math.fsum(losses) / len(losses),

@@ -1,8 +1,9 @@
-"""`fedcmp-server`: start (or resume) a coordinator on a port and run the recipe to DONE."""
+"""`fedcmp-server`: start (or resume) a coordinator on a port, run the recipe to DONE, keep serving status."""
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -43,8 +44,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--state-dir", type=Path, default=Path("runs/server"))
     parser.add_argument("--resume", action="store_true", help="continue the run held in --state-dir")
+    parser.add_argument("--start-or-resume", action="store_true",
+                        help="resume the run in --state-dir if it holds one, else start it (for restarted containers)")
+    parser.add_argument("--exit-when-done", action="store_true",
+                        help="exit once the run is DONE and every client has been told (default: keep serving status "
+                             "until SIGTERM/SIGINT)")
     parser.add_argument("--linger", type=float, default=30.0,
-                        help="after DONE, keep serving up to this many seconds until every client has been told")
+                        help="with --exit-when-done: wait at most this many seconds for every client to be told")
     parser.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate chain (PEM)")
     parser.add_argument("--tls-key", type=Path, help="private key of --tls-cert (PEM)")
     parser.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
@@ -76,6 +82,7 @@ def resolve_recipe(args: argparse.Namespace, store: RunStore) -> Recipe:
 
 def open_run(args: argparse.Namespace) -> Coordinator:
     store = RunStore(args.state_dir)
+    args.resume = args.resume or (args.start_or_resume and store.has_run())
     if args.resume and not store.has_run():
         raise StateError(f"--resume given but {args.state_dir} holds no run")
     recipe = resolve_recipe(args, store)
@@ -91,7 +98,10 @@ def open_run(args: argparse.Namespace) -> Coordinator:
         metrics = CoordinatorMetrics()
         metrics.serve(args.metrics_port, args.host)
         log.info("Prometheus metrics on http://%s:%d/metrics", args.host, args.metrics_port)
-    return Coordinator(recipe, store, strategy, record, metrics)
+    coordinator = Coordinator(recipe, store, strategy, record, metrics)
+    if metrics is not None:
+        metrics.track_clients(coordinator)
+    return coordinator
 
 
 def security(args: argparse.Namespace) -> tuple[grpc.ServerCredentials | None, dict[str, str] | None]:
@@ -123,14 +133,22 @@ async def serve(args: argparse.Namespace, coordinator: Coordinator, credentials:
     await asyncio.wait({run, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if run.done():
         run.result()  # surface a crash of the round loop
-        deadline = time.monotonic() + args.linger
-        while (time.monotonic() < deadline and not stop.is_set()
-               and not set(coordinator.clients) <= coordinator.told_done):
-            await asyncio.sleep(0.2)
         log.info("run DONE; final metrics: %s", coordinator.record.final_metrics)
+        if args.exit_when_done:
+            deadline = time.monotonic() + args.linger
+            while (time.monotonic() < deadline and not stop.is_set()
+                   and not set(coordinator.clients) <= coordinator.told_done):
+                await asyncio.sleep(0.2)
+        else:
+            log.info("serving status until stopped (SIGTERM or SIGINT)")
+            await stopper
+        log.info("stopping")
     else:
         log.info("stopping on signal; state is committed up to round %d", coordinator.record.committed_round)
         run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
+    stopper.cancel()
     await server.health_servicer.enter_graceful_shutdown()
     await server.stop(grace=2.0)
     return EXIT_OK
