@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -17,7 +18,11 @@ from fedcmp.client.data import DataError, DataOptions, ScannedData, scan_data
 from fedcmp.client.sources import FORMATS, Columns
 from fedcmp.client.daemon import ClientDaemon, ConnectionSettings, CoordinatorLink, CoordinatorUnreachable, RegistrationRefused
 from fedcmp.client.fingerprint import FingerprintError, fingerprint_backbones
-from fedcmp.common.constants import EXIT_OK, EXIT_REFUSED, EXIT_UNAVAILABLE, EXIT_USAGE, RECONNECT_BUDGET_S
+from fedcmp.client.metrics import ClientMetrics
+from fedcmp.client.progress import TrainingProgress
+from fedcmp.common.cliflags import add_common_flags
+from fedcmp.common.constants import (EXIT_OK, EXIT_REFUSED, EXIT_STOPPED, EXIT_UNAVAILABLE, EXIT_USAGE,
+                                     RECONNECT_BUDGET_S)
 from fedcmp.common.logs import setup_logging
 from fedcmp.common.recipe import RecipeError, load_recipe
 from fedcmp.common.security import SecurityConfigError, bearer_metadata, channel_credentials
@@ -68,7 +73,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--reconnect-budget", type=float, default=RECONNECT_BUDGET_S,
                         help="seconds to keep retrying an unreachable coordinator before giving up")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--progress-interval", type=float, default=30.0,
+                        help="log step, loss and ETA of a local round every this many seconds")
+    parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (/metrics)")
+    parser.add_argument("--metrics-host", default="127.0.0.1",
+                        help="interface of --metrics-port; 0.0.0.0 for all (e.g. scraped in a pod)")
     parser.add_argument("-v", "--verbose", action="store_true")
+    add_common_flags(parser)
     return parser.parse_args(argv)
 
 
@@ -119,9 +130,10 @@ def default_client_id(data: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, args.log_format)
+    from fedcmp.client.trainer import LocalSession  # imports transformers, whose logging setup_logging adopted
     torch.set_num_threads(max(1, args.threads))
-    from fedcmp.client.trainer import LocalSession
+    signal.signal(signal.SIGTERM, _interrupt)  # as PID 1 in a container, SIGTERM is ignored without a handler
 
     if args.server is None and not args.check:
         print("fedcmp-client: --server is required (or --check to validate the data alone)", file=sys.stderr)
@@ -146,7 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("!!! sending the bearer token over PLAINTEXT: anyone on the network path can read it and act "
                     "as this client; use TLS (--tls-ca) !!!")
     link = CoordinatorLink(ConnectionSettings(args.server, credentials, metadata, args.reconnect_budget))
-    daemon = ClientDaemon(link, client_id)
+    metrics = None
+    if args.metrics_port is not None:
+        metrics = ClientMetrics()
+        metrics.serve(args.metrics_port, args.metrics_host)
+        log.info("Prometheus metrics on http://%s:%d/metrics", args.metrics_host, args.metrics_port)
+    daemon = ClientDaemon(link, client_id, TrainingProgress(args.progress_interval, metrics))
     try:
         recipe = daemon.fetch_recipe().model_copy(update=local_overrides(args))
         session = LocalSession.open(scanned, recipe, client_id, device=args.device, cache_dir=args.cache_dir,
@@ -167,10 +184,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedcmp-client: {error}", file=sys.stderr)
         return EXIT_UNAVAILABLE
     except KeyboardInterrupt:
-        return EXIT_USAGE
+        log.warning("stopped by a signal before DONE; the coordinator goes on without this client until it returns")
+        return EXIT_STOPPED
     finally:
         link.close()
     return EXIT_OK
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM ends the daemon the way Ctrl-C does: no traceback, a log line, exit code EXIT_STOPPED."""
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

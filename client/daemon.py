@@ -22,6 +22,7 @@ import grpc
 from torch import Tensor
 
 from fedcmp.client.heartbeat import Heartbeat
+from fedcmp.client.progress import TrainingProgress
 from fedcmp.common.codec import decode_projector, encode_projector, iter_chunks, receive_blob, sha256_hex
 from fedcmp.common.constants import (MAX_MESSAGE_BYTES, PROTOCOL_VERSION, RECONNECT_BASE_S, RECONNECT_BUDGET_S,
                                      RECONNECT_MAX_S)
@@ -98,10 +99,11 @@ class CoordinatorLink:
 class ClientDaemon:
     """One client's participation in one run. `fetch_recipe` first, then `run` with a loaded session."""
 
-    def __init__(self, link: CoordinatorLink, client_id: str) -> None:
+    def __init__(self, link: CoordinatorLink, client_id: str, progress: TrainingProgress | None = None) -> None:
         self.link = link
         self.client_id = client_id
         self.instance_id = secrets.token_hex(8)  # this process; a restart gets a new one
+        self.progress = progress or TrainingProgress(interval_s=30.0)
         self.token = ""
         self._global: tuple[int, dict[str, Tensor]] | None = None
         self.session = None  # the LocalSession, set by run()
@@ -196,8 +198,13 @@ class ClientDaemon:
         before = self.session.evaluate(global_params)
         log.info("round %d: global v%d held-out loss %.4f; training %d steps", task.round, task.global_version,
                  before["val_loss"], task.local_steps)
-        params, metrics = self.session.train_round(global_params, task.round - 1, task.local_steps,
-                                                   on_step=heartbeat.progress)
+        self.progress.begin(task.round, task.local_steps)
+
+        def on_step(done: int, loss: float) -> None:
+            heartbeat.progress(done, loss)
+            self.progress.step(done, loss)
+
+        params, metrics = self.session.train_round(global_params, task.round - 1, task.local_steps, on_step=on_step)
         self.upload(task, params, {**metrics, **before, **self.session.data_metrics()})
 
     def upload(self, task: pb.Task, params: dict[str, Tensor], metrics: dict[str, float]) -> None:
@@ -220,6 +227,7 @@ class ClientDaemon:
                              lambda: self.link.stub.UploadUpdate(messages(), metadata=self._metadata()),
                              on_lost_session=self.register)
         if ack.accepted:
+            self.progress.uploaded()
             log.info("round %d: upload %s (%d bytes)", task.round, "already there" if ack.duplicate else "accepted",
                      len(blob))
         else:

@@ -16,7 +16,6 @@ from typing import Literal
 
 from fedcmp.common.codec import write_atomic
 from fedcmp.common.provenance import Backbones
-from fedcmp.common.zoo import default_cache_dir, resolve_backbone
 
 log = logging.getLogger("fedcmp.client")
 
@@ -32,6 +31,8 @@ class FingerprintError(ValueError):
 
 def checkpoint_folder(name_or_path: str, kind: Literal["vision", "llm"], cache_dir: Path | None = None) -> Path:
     """The local folder holding a backbone: a path as is, "micro" in the zoo, a hub id in the Hugging Face cache."""
+    from fedcmp.common.zoo import resolve_backbone  # imported here: it imports transformers' vision classes
+
     resolved = resolve_backbone(name_or_path, kind, cache_dir)
     if Path(resolved).is_dir():
         return Path(resolved)
@@ -54,7 +55,7 @@ def fingerprint_folder(folder: Path, cache_dir: Path | None = None) -> str:
     if not weights:
         raise FingerprintError(f"cannot fingerprint {folder}: it holds no *.safetensors or *.bin weight files")
     stamp = {path.name: [path.stat().st_size, path.stat().st_mtime_ns] for path in [config_file, *weights]}
-    cache_file = (cache_dir or default_cache_dir()) / "fingerprints" / f"{_sha256_text(str(folder))[:24]}.json"
+    cache_file = _cache_root(cache_dir) / "fingerprints" / f"{_sha256_text(str(folder))[:24]}.json"
     cached = _read_cache(cache_file)
     if cached.get("folder") == str(folder) and cached.get("stamp") == stamp:
         return cached["fingerprint"]
@@ -63,7 +64,10 @@ def fingerprint_folder(folder: Path, cache_dir: Path | None = None) -> str:
     for path in weights:
         digest.update(f"\n{path.name} {_sha256_file(path)}".encode())
     fingerprint = digest.hexdigest()
-    write_atomic(cache_file, json.dumps({"folder": str(folder), "stamp": stamp, "fingerprint": fingerprint}).encode())
+    try:
+        write_atomic(cache_file, json.dumps({"folder": str(folder), "stamp": stamp, "fingerprint": fingerprint}).encode())
+    except OSError as error:  # a read-only cache (e.g. a read-only container filesystem) only costs a re-hash
+        log.warning("cannot cache the fingerprint of %s in %s: %s", folder, cache_file.parent, error.strerror or error)
     return fingerprint
 
 
@@ -73,6 +77,12 @@ def fingerprint_backbones(vision_model: str, llm: str, cache_dir: Path | None = 
         vision_model=vision_model, llm=llm,
         vision_fingerprint=fingerprint_folder(checkpoint_folder(vision_model, "vision", cache_dir), cache_dir),
         llm_fingerprint=fingerprint_folder(checkpoint_folder(llm, "llm", cache_dir), cache_dir))
+
+
+def _cache_root(cache_dir: Path | None) -> Path:
+    from fedcmp.common.zoo import default_cache_dir  # imported here: the zoo module imports transformers
+
+    return cache_dir or default_cache_dir()
 
 
 def _canonical_config(config_file: Path) -> str:

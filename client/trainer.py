@@ -131,7 +131,7 @@ class LocalSession:
     ) -> tuple[dict[str, Tensor], dict[str, float]]:
         """`local_steps` optimizer steps from `global_params`; returns the local projector and metrics.
 
-        `on_step(steps_done, loss)` is called after every optimizer step (the daemon's heartbeat).
+        `on_step(steps_done, loss)` is called after every optimizer step (heartbeat and progress log).
         """
         if local_steps < 1:
             raise ValueError(f"local_steps must be at least 1, got {local_steps}")

@@ -7,6 +7,7 @@ EXIT_FAILURE = 1  # unexpected error
 EXIT_USAGE = 2  # bad flags, bad recipe, bad data: the message says what to fix
 EXIT_REFUSED = 3  # the coordinator refused this client (shape mismatch, bad token, ...)
 EXIT_UNAVAILABLE = 4  # the coordinator could not be reached within the retry budget
+EXIT_STOPPED = 5  # a client stopped by SIGTERM/SIGINT before the run was DONE
 
 # Blob transfer: chunks of 1-4 MiB keep every gRPC message far below its limits.
 CHUNK_BYTES = 2 * 1024 * 1024

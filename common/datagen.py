@@ -8,8 +8,8 @@ Layout written under ``--out`` (atomically: built in a temporary sibling, then r
     manifest.json            scenario, seed, client sizes, per-split category/domain/style/template
                              histograms
 
-``image`` is relative to the split's ``images/`` folder. The four scenarios follow
-ALGORITHM.md: ``iid``, ``concept`` (Dirichlet(alpha) over object categories), ``domain`` (one
+``image`` is relative to the split's ``images/`` folder. The four scenarios are those
+of the quality benchmark (docs/RESULTS.md): ``iid``, ``concept`` (Dirichlet(alpha) over object categories), ``domain`` (one
 visual domain and its caption style per client) and ``quantity`` (power-law client sizes,
 each client its own caption template). Everything is a function of ``--seed``; the data's
 seed streams differ from the micro zoo's, and digits come from the other half of the
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import shutil
 import sys
@@ -39,6 +38,8 @@ import numpy as np
 from PIL import Image
 
 from fedcmp.common import synthetic as syn
+from fedcmp.common.cliflags import add_common_flags
+from fedcmp.common.logs import setup_logging
 
 SCENARIOS: tuple[str, ...] = ("iid", "concept", "domain", "quantity")
 FORMAT_VERSION = 1
@@ -259,12 +260,14 @@ def _data_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=32)
     p.add_argument("--force", action="store_true", help="replace a previous fedcmp-data output at --out")
+    add_common_flags(p)
     return p
 
 
 def _zoo_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedcmp-data zoo", description="Build (or reuse) the micro model zoo.")
     p.add_argument("--cache-dir", type=Path, default=None, help="default: $FEDCMP_CACHE or ~/.cache/fedcmp")
+    add_common_flags(p)
     return p
 
 
@@ -272,6 +275,7 @@ def _run_zoo(argv: list[str]) -> int:
     from fedcmp.common.zoo import ensure_micro_zoo  # imports torch: only for this command
 
     args = _zoo_parser().parse_args(argv)
+    setup_logging(log_format=args.log_format)
     zoo = ensure_micro_zoo(args.cache_dir)
     manifest = zoo.manifest()
     print(f"micro zoo: {zoo.root} (version {manifest['version']}, built in {manifest['build_seconds']} s)")
@@ -282,10 +286,10 @@ def _run_zoo(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if argv[:1] == ["zoo"]:
         return _run_zoo(argv[1:])
     args = _data_parser().parse_args(argv)
+    setup_logging(log_format=args.log_format)
     try:
         out = generate_federation(
             args.out, args.scenario, args.clients, args.samples_per_client, args.test_samples,

@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         server = subprocess.Popen(
             [str(BIN / "fedcmp-server"), "--port", "0", "--port-file", str(port_file), "--state-dir", str(state),
              "--rounds", str(args.rounds), "--min-clients", str(args.clients), "--strategy", args.strategy,
-             "--local-steps", str(args.local_steps)],
+             "--local-steps", str(args.local_steps), "--exit-when-done"],
             stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT)
         processes.append(server)
         address = f"127.0.0.1:{wait_for_port(port_file, server)}"

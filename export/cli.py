@@ -10,7 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from fedcmp.common.cliflags import add_common_flags
 from fedcmp.common.constants import EXIT_OK, EXIT_USAGE
+from fedcmp.common.logs import setup_logging
 from fedcmp.export.api import FORMATS, export_projector
 from fedcmp.export.source import ExportError
 
@@ -29,11 +31,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--llm", help="local path or id of the LLM (default: as the metadata names it)")
     parser.add_argument("--cache-dir", type=Path, help="micro zoo and fingerprint cache (default $FEDCMP_CACHE or "
                                                        "~/.cache/fedcmp)")
+    add_common_flags(parser)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    setup_logging(log_format=args.log_format)
     try:
         written = export_projector(args.source, args.out, tuple(args.formats) if args.formats else None,
                                    args.round_index, args.vision_model, args.llm, args.cache_dir)

@@ -1,8 +1,9 @@
-"""`fedcmp-server`: start (or resume) a coordinator on a port and run the recipe to DONE."""
+"""`fedcmp-server`: start (or resume) a coordinator on a port, run the recipe to DONE, keep serving status."""
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2
 
+from fedcmp.common.cliflags import add_common_flags
 from fedcmp.common.constants import DEFAULT_PORT, EXIT_OK, EXIT_USAGE
 from fedcmp.common.logs import setup_logging
 from fedcmp.common.recipe import OPERATIONAL_FIELDS, Recipe, RecipeError, load_recipe, resumed_recipe
@@ -38,8 +40,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run held in --state-dir; only operational recipe fields may change "
                              f"({', '.join(sorted(OPERATIONAL_FIELDS))})")
+    parser.add_argument("--start-or-resume", action="store_true",
+                        help="resume the run in --state-dir if it holds one, else start it (for restarted containers)")
+    parser.add_argument("--exit-when-done", action="store_true",
+                        help="exit once the run is DONE and every client has been told (default: keep serving status "
+                             "until SIGTERM/SIGINT)")
     parser.add_argument("--linger", type=float, default=30.0,
-                        help="after DONE, keep serving up to this many seconds until every client has been told")
+                        help="with --exit-when-done: wait at most this many seconds for every client to be told")
     parser.add_argument("--tls-cert", type=Path, help="serve TLS with this certificate chain (PEM)")
     parser.add_argument("--tls-key", type=Path, help="private key of --tls-cert (PEM)")
     parser.add_argument("--tls-client-ca", type=Path, help="require client certificates signed by this CA (mTLS)")
@@ -51,6 +58,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (/metrics)")
     parser.add_argument("--port-file", type=Path, help="write the bound port here once serving (for scripts)")
     parser.add_argument("-v", "--verbose", action="store_true")
+    add_common_flags(parser)
     add_recipe_flags(parser)
     return parser.parse_args(argv)
 
@@ -78,6 +86,7 @@ def restore_strategy(strategy: Strategy, store: RunStore, record: RunRecord) -> 
 
 def open_run(args: argparse.Namespace) -> Coordinator:
     store = RunStore(args.state_dir)
+    args.resume = args.resume or (args.start_or_resume and store.has_run())
     if args.resume and not store.has_run():
         raise StateError(f"--resume given but {args.state_dir} holds no run")
     recipe = resolve_recipe(args, store)
@@ -93,7 +102,10 @@ def open_run(args: argparse.Namespace) -> Coordinator:
         metrics = CoordinatorMetrics()
         metrics.serve(args.metrics_port, args.host)
         log.info("Prometheus metrics on http://%s:%d/metrics", args.host, args.metrics_port)
-    return Coordinator(recipe, store, strategy, record, metrics)
+    coordinator = Coordinator(recipe, store, strategy, record, metrics)
+    if metrics is not None:
+        metrics.track_clients(coordinator)
+    return coordinator
 
 
 def security(args: argparse.Namespace) -> tuple[grpc.ServerCredentials | None, dict[str, str] | None]:
@@ -127,15 +139,23 @@ async def serve(args: argparse.Namespace, coordinator: Coordinator, credentials:
     await asyncio.wait({run, stopper}, return_when=asyncio.FIRST_COMPLETED)
     if run.done():
         run.result()  # surface a crash of the round loop
-        deadline = time.monotonic() + args.linger
-        while (time.monotonic() < deadline and not stop.is_set()
-               and not set(coordinator.clients) <= coordinator.told_done):
-            await asyncio.sleep(0.2)
         log.info("run DONE; final metrics: %s", coordinator.record.final_metrics)
+        if args.exit_when_done:
+            deadline = time.monotonic() + args.linger
+            while (time.monotonic() < deadline and not stop.is_set()
+                   and not set(coordinator.clients) <= coordinator.told_done):
+                await asyncio.sleep(0.2)
+        else:
+            log.info("serving status until stopped (SIGTERM or SIGINT)")
+            await stopper
+        log.info("stopping")
     else:
         log.info("stopping on signal; state is committed up to round %d", coordinator.record.committed_round)
         run.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await run
     health.cancel()
+    stopper.cancel()
     await server.health_servicer.enter_graceful_shutdown()
     await server.stop(grace=2.0)
     return EXIT_OK
@@ -152,7 +172,7 @@ async def mirror_health(coordinator: Coordinator, health_servicer: health.aio.He
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    setup_logging(args.verbose)
+    setup_logging(args.verbose, args.log_format)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     try:
         credentials, tokens = security(args)

@@ -14,7 +14,9 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from fedcmp.common.cliflags import add_common_flags
 from fedcmp.common.constants import EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE
+from fedcmp.common.logs import setup_logging
 from fedcmp.common.provenance import Backbones, short
 from fedcmp.common.security import SecurityConfigError, bearer_metadata, channel_credentials
 from fedcmp.common.wire import coordinator_pb2 as pb
@@ -77,7 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-key", type=Path)
     parser.add_argument("--token-file", type=Path, help="file holding an operator's bearer token")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the coordinator")
+    add_common_flags(parser)
     args = parser.parse_args(argv)
+    setup_logging(log_format=args.log_format)
     show = (lambda s: json.dumps(status_dict(s))) if args.json else render
     try:
         credentials = channel_credentials(args.tls_ca, args.tls_cert, args.tls_key) if args.tls_ca else None

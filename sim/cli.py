@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from fedcmp.common.constants import EXIT_OK, EXIT_USAGE
+from fedcmp.common.cliflags import add_common_flags
 from fedcmp.common.logs import setup_logging
 from fedcmp.common.recipe import RecipeError, load_recipe
 from fedcmp.server.strategies import build_strategy
@@ -38,8 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path, help="JSON lines: one row per round, then the final metrics")
+    add_common_flags(parser)
     args = parser.parse_args(argv)
-    setup_logging()
+    setup_logging(log_format=args.log_format)
     torch.set_num_threads(max(1, args.threads))
     try:
         params = dict(parse_param(item) for item in args.strategy_param)

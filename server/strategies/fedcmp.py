@@ -1,5 +1,5 @@
 """Fed-CMP: Canonical Reliability-Aware Aggregation (CRA) + Orthogonality-Preserved Momentum
-(OPM), this project's formulation (/work/shared/ALGORITHM.md, docs/algorithm.md) of
+(OPM), this project's formulation (docs/algorithm.md) of
 "A Step Toward Federated Pretraining of Multimodal Large Language Models" (arXiv 2603.26786).
 
 Per layer L = [W | b] in R^{m x n} (bias appended as a column), clients k = 1..K,
@@ -421,7 +421,8 @@ class FedCMPMeanFusion(_Ablation):
 
 
 class FedCMPSampleWeights(_Ablation):
-    """Ablation, and ALGORITHM.md's weighting: clients count by their sample shares, p_k = n_k / sum_j n_j (alpha = 1)."""
+    """Ablation, and the specification's original weighting (docs/algorithm.md): clients count by their sample
+    shares, p_k = n_k / sum_j n_j (alpha = 1)."""
 
     name = "fedcmp-sample-weights"
     pinned = {"alpha": 1.0}

@@ -78,3 +78,10 @@ def test_what_cannot_be_fingerprinted_is_named(backbones, tmp_path) -> None:
         fingerprint_folder(empty, tmp_path)
     with pytest.raises(FingerprintError, match="neither a local folder nor in the Hugging Face cache"):
         fingerprint_backbones("no-such-org/no-such-model", str(backbones.llm), tmp_path)
+
+
+def test_an_unwritable_cache_costs_only_a_rehash(backbones, tmp_path, caplog) -> None:
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("a file where the cache folder should be")
+    assert fingerprint_folder(backbones.vision, not_a_folder) == fingerprint_folder(backbones.vision, tmp_path / "ok")
+    assert "cannot cache the fingerprint" in caplog.text

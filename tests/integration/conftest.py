@@ -31,14 +31,16 @@ class Processes:
         self.started.append(process)
         return process
 
-    def server(self, state_dir: Path, *flags: str) -> tuple[subprocess.Popen, str]:
-        """A coordinator on a free port (a later `--port N` in `flags` pins it), once it listens."""
+    def server(self, state_dir: Path, *flags: str, exit_when_done: bool = True) -> tuple[subprocess.Popen, str]:
+        """A coordinator on a free port (a later `--port N` in `flags` pins it), once it listens; it exits at
+        DONE unless `exit_when_done` is False (then it serves status until the test stops it)."""
         port_file = state_dir.parent / f"{state_dir.name}.port"
         port_file.unlink(missing_ok=True)
         name = "server" if not any(p.log_path.name.startswith("server") for p in self.started) else \
             f"server-{len(self.started)}"
         process = self._spawn(name, [str(BIN / "fedcmp-server"), "--host", "127.0.0.1", "--port", "0",
-                                     "--port-file", str(port_file), "--state-dir", str(state_dir), *flags])
+                                     "--port-file", str(port_file), "--state-dir", str(state_dir),
+                                     *(["--exit-when-done"] if exit_when_done else []), *flags])
         deadline = time.monotonic() + 60
         while not (port_file.exists() and port_file.read_text().strip()):
             assert process.poll() is None, f"server died: {process.log_path.read_text()}"  # type: ignore[attr-defined]
