@@ -18,6 +18,7 @@ import argparse
 import math
 import multiprocessing
 import os
+import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -114,7 +115,7 @@ def robustness(methods: list[Method]) -> list[str]:
 
 
 def report(table: dict, rows: list[dict[str, Any]], methods: list[Method], seeds: list[int], scale: Scale,
-           seconds: float, command: str) -> str:
+           seconds: float, command: str, robustness_lines: list[str]) -> str:
     def cell(stat: tuple, digits: int = 4) -> str:
         mean, std = stat
         return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
@@ -145,7 +146,7 @@ def report(table: dict, rows: list[dict[str, Any]], methods: list[Method], seeds
             lines.append(f"| {name} | {cell(stats['test_nll'])} | {cell(stats['test_retrieval'], 3)} | "
                          f"{cell(stats['rounds_to_fedavg'], 1)} |")
         lines += ["", f"![{scenario}]({scenario}_nll.png)", ""]
-    lines += ["## Robustness", "", *robustness(ran), ""]
+    lines += ["## Robustness", "", *robustness_lines, ""]
     firsts = [s for s, b in zip(SCENARIOS, best) if b == "fedcmp"]
     baselines = [name for name in contenders if name != "fedcmp"]
     lines += ["## Against the target", "",
@@ -215,11 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     raw = args.out / "results.jsonl"
     raw.unlink(missing_ok=True)
     began = time.monotonic()
+    robustness_lines = robustness(methods)  # seconds; first, so a failure cannot cost the whole run
+    print("\n".join(robustness_lines), flush=True)
     rows = run_all(scale, seeds, methods, args.cache, raw, args.jobs)
     table = summarise(rows, methods)
     plot(rows, methods, args.out)
-    command = "make bench-quality-quick" if args.quick else "make bench-quality"
-    (args.out / "RESULTS.md").write_text(report(table, rows, methods, seeds, scale, time.monotonic() - began, command))
+    command = shlex.join(["python", "bench/bench_quality.py", *(sys.argv[1:] if argv is None else argv)])
+    (args.out / "RESULTS.md").write_text(report(table, rows, methods, seeds, scale, time.monotonic() - began, command,
+                                                   robustness_lines))
     print((args.out / "RESULTS.md").read_text())
     return 0
 

@@ -30,13 +30,16 @@ HONEST_STEPS = 5
 SEEDS = tuple(range(10))
 
 
+Make = Callable[[Sequence[Params], torch.Generator], list[tuple[Params, int]]]  # honest deltas -> (delta, n_k)
+
+
 @dataclass(frozen=True)
 class Attack:
     """`hostile` clients replace as many honest ones; `make` builds their deltas and sample counts."""
 
     name: str
     hostile: int
-    make: Callable[[Sequence[Params], torch.Generator], list[tuple[Params, int]]]
+    make: Make
 
 
 def _mean(deltas: Sequence[Params]) -> Params:
@@ -47,14 +50,16 @@ def _norm(delta: Params) -> float:
     return float(torch.cat([t.flatten() for t in delta.values()]).norm())
 
 
-def _scaled_mean(factor: float, copies: int, samples: int = HONEST_SAMPLES) -> Attack.make.__class__:
+def _scaled_mean(factor: float, copies: int, samples: int = HONEST_SAMPLES) -> Make:
+    """`copies` clients sending `factor` x the honest mean delta, each claiming `samples`."""
     def make(honest: Sequence[Params], gen: torch.Generator) -> list[tuple[Params, int]]:
         mean = _mean(honest)
         return [({key: factor * t for key, t in mean.items()}, samples) for _ in range(copies)]
     return make
 
 
-def _random(factor: float) -> Attack.make.__class__:
+def _random(factor: float) -> Make:
+    """One client sending a Gaussian delta of `factor` x the mean honest norm."""
     def make(honest: Sequence[Params], gen: torch.Generator) -> list[tuple[Params, int]]:
         noise = {key: torch.randn(t.shape, generator=gen) for key, t in honest[0].items()}
         target = factor * statistics.fmean(_norm(d) for d in honest)
