@@ -1,5 +1,8 @@
 """`make bench-quality`: every strategy and both bounds on the four scenarios, 3 seeds; writes RESULTS.md + plots.
 
+RESULTS.md also holds the robustness table (fedcmp.sim.attacks) of every strategy at the same
+tuned settings, so one page shows what each ingredient buys on benign and hostile federations.
+
 Each cell is an in-process simulation (fedcmp-sim's engine) on the embedded micro zoo. Per
 scenario and seed the federation's frozen features are encoded once and every method reuses
 them. Strategy settings come from bench/tuned.yaml (written by bench/tune.py on validation
@@ -15,6 +18,7 @@ import argparse
 import math
 import multiprocessing
 import os
+import shlex
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -28,6 +32,7 @@ from quality import (FULL, QUICK, SCENARIOS, Method, Scale, append_jsonl, base_r
                      run_method, scenario_data, tuned_methods)
 
 from fedcmp.common.logs import setup_logging  # noqa: E402
+from fedcmp.sim import attacks  # noqa: E402
 from fedcmp.sim.engine import Federation, rounds_to_reach  # noqa: E402
 
 NON_IID = ("concept", "domain", "quantity")
@@ -101,8 +106,17 @@ def conflict(rows: list[dict[str, Any]], scenario: str) -> float:
     return mean_std(values)[0]
 
 
+def robustness(methods: list[Method]) -> list[str]:
+    """The robustness table of every federated method at its benchmark settings (markdown lines)."""
+    settings = [(m.name, dict(m.recipe_overrides.get("strategy_params", {}))) for m in methods if m.mode == "federated"]
+    return [f"Shift of one round's aggregate under each attack, as a fraction of plain FedAvg's shift under the "
+            f"same attack (median over seeds {attacks.SEEDS[0]}-{attacks.SEEDS[-1]}; {attacks.CLIENTS} synthetic "
+            "clients, fedcmp.sim.attacks), every strategy with its benchmark settings. Target: <= 0.5.", "",
+            *attacks.table(settings).splitlines()]
+
+
 def report(table: dict, rows: list[dict[str, Any]], methods: list[Method], seeds: list[int], scale: Scale,
-           seconds: float, command: str) -> str:
+           seconds: float, command: str, robustness_lines: list[str]) -> str:
     def cell(stat: tuple, digits: int = 4) -> str:
         mean, std = stat
         return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
@@ -133,6 +147,7 @@ def report(table: dict, rows: list[dict[str, Any]], methods: list[Method], seeds
             lines.append(f"| {name} | {cell(stats['test_nll'])} | {cell(stats['test_retrieval'], 3)} | "
                          f"{cell(stats['rounds_to_fedavg'], 1)} |")
         lines += ["", f"![{scenario}]({scenario}_nll.png)", ""]
+    lines += ["## Robustness", "", *robustness_lines, ""]
     firsts = [s for s, b in zip(SCENARIOS, best) if b == "fedcmp"]
     baselines = [name for name in contenders if name != "fedcmp"]
     lines += ["## Against the target", "",
@@ -143,6 +158,15 @@ def report(table: dict, rows: list[dict[str, Any]], methods: list[Method], seeds
         closed = [gap_closed(table, s, name) for s in NON_IID]
         lines.append(f"  - {name}: " + ", ".join(f"{s} {c:.2f}" for s, c in zip(NON_IID, closed)) +
                      f"; mean {sum(closed) / len(closed):.2f}")
+    if all("fedcmp-no-reliability" in table[s] for s in SCENARIOS):
+        lines.append("- Full Fed-CMP against `fedcmp-no-reliability` (test NLL difference, in units of the larger "
+                     "of their two standard deviations over seeds; > 1 means Fed-CMP is worse beyond one std):")
+        for scenario in SCENARIOS:
+            (full, full_std), (ablation, ablation_std) = (table[scenario][name]["test_nll"]
+                                                          for name in ("fedcmp", "fedcmp-no-reliability"))
+            spread = max(full_std, ablation_std)
+            units = (full - ablation) / spread if spread > 0 else math.nan
+            lines.append(f"  - {scenario}: {full:.4f} vs {ablation:.4f}, {units:+.2f} std")
     lines.append("")
     return "\n".join(lines)
 
@@ -195,11 +219,14 @@ def main(argv: list[str] | None = None) -> int:
     raw = args.out / "results.jsonl"
     raw.unlink(missing_ok=True)
     began = time.monotonic()
+    robustness_lines = robustness(methods)  # seconds; first, so a failure cannot cost the whole run
+    print("\n".join(robustness_lines), flush=True)
     rows = run_all(scale, seeds, methods, args.cache, raw, args.jobs, args.wire_dtype)
     table = summarise(rows, methods)
     plot(rows, methods, args.out)
-    command = "make bench-quality-quick" if args.quick else "make bench-quality"
-    (args.out / "RESULTS.md").write_text(report(table, rows, methods, seeds, scale, time.monotonic() - began, command))
+    command = shlex.join(["python", "bench/bench_quality.py", *(sys.argv[1:] if argv is None else argv)])
+    (args.out / "RESULTS.md").write_text(report(table, rows, methods, seeds, scale, time.monotonic() - began, command,
+                                                   robustness_lines))
     print((args.out / "RESULTS.md").read_text())
     return 0
 

@@ -1,11 +1,13 @@
 """The validation sweep that sets every strategy's server-side knobs (bench/tuned.yaml, docs/TUNING.md).
 
-Two stages, both scored on validation data only:
-1. Fed-CMP's structure: the client-weight exponent `alpha` (sample shares or every client alike),
-   the fusion ridge `rho` and the agreement temperature `T`, eight settings, at a fixed server
-   step and momentum (eta_s = 1, beta = 0.5).
-2. Every strategy with a knob gets the same budget, four settings. FedAvgM and Fed-CMP (with the
-   structure of stage 1) get the very same four (server step, momentum) pairs.
+One stage, the same budget for every strategy with a knob: four settings each, scored on the
+same validation data.
+- FedProx: the client's proximal mu.
+- FedAvgM and FedNova: the same four (server step, server momentum) pairs.
+- FedAdam, FedYogi, FedAdagrad: server step eta x adaptivity floor tau, 2 x 2.
+- Fed-CMP: (server step eta_s, OPM momentum beta) x fusion ridge rho, 2 x 2, with its other
+  defaults (alpha = 0, the reliability vote and the norm bound set for robustness, docs/algorithm.md).
+- FedAvg and equal-weight FedAvg have no knob: one run each.
 
 The score is the NLL on the validation splits carved from the clients' own training data
 (`val_fraction` of each client, never trained on), each client counted equally (the test split
@@ -39,28 +41,27 @@ from fedcmp.sim.engine import Federation, Simulator  # noqa: E402
 
 Grid = dict[str, list[dict[str, Any]]]
 SCORE = "val_nll_balanced"
-STRUCTURE_STEP = {"eta_s": 1.0, "beta": 0.5}
-STRUCTURES = [{"alpha": alpha, "rho": rho, "temperature": t}
-              for alpha in (1.0, 0.0) for rho, t in [(0.1, 0.5), (0.1, 1.0), (0.3, 0.5), (0.3, 1.0)]]
-MOMENTUM_PAIRS = [(1.0, 0.5), (2.0, 0.5), (0.7, 0.7), (0.5, 0.8)]
-SERVER_ETAS = [0.003, 0.01, 0.03, 0.1]
+BUDGET = 4  # settings per strategy with a knob
+MOMENTUM_PAIRS = [(1.0, 0.5), (2.0, 0.5), (0.7, 0.7), (0.5, 0.8)]  # (server step, momentum)
+FEDOPT = [(eta, tau) for eta in (0.01, 0.03) for tau in (1e-4, 1e-2)]  # (eta, tau)
+FEDCMP = [(eta_s, beta, rho) for eta_s, beta in [(1.0, 0.5), (0.7, 0.7)] for rho in (0.1, 0.3)]
 
 
-def structure_grid() -> Grid:
-    return {"fedcmp": [{"strategy_params": {**STRUCTURE_STEP, **structure}} for structure in STRUCTURES]}
+def strategy_grid() -> Grid:
+    def server(**params: float) -> dict[str, Any]:
+        return {"strategy_params": params}
 
-
-def strategy_grid(structure: dict[str, float]) -> Grid:
-    return {
+    grid: Grid = {
         "fedavg": [{}],
-        "fedprox": [{"proximal_mu": mu} for mu in (0.01, 0.1, 1.0, 10.0)],
-        "fedavgm": [{"strategy_params": {"server_learning_rate": lr, "server_momentum": m}}
-                    for lr, m in MOMENTUM_PAIRS],
-        "fedadam": [{"strategy_params": {"eta": eta}} for eta in SERVER_ETAS],
-        "fedyogi": [{"strategy_params": {"eta": eta}} for eta in SERVER_ETAS],
-        "fedadagrad": [{"strategy_params": {"eta": eta}} for eta in SERVER_ETAS],
-        "fedcmp": [{"strategy_params": {"eta_s": lr, "beta": m, **structure}} for lr, m in MOMENTUM_PAIRS],
+        "fedavg-equal": [{}],
+        "fedprox": [{"proximal_mu": mu} for mu in (0.001, 0.01, 0.1, 1.0)],
+        "fedavgm": [server(server_learning_rate=lr, server_momentum=m) for lr, m in MOMENTUM_PAIRS],
+        "fednova": [server(server_learning_rate=lr, server_momentum=m) for lr, m in MOMENTUM_PAIRS],
+        **{name: [server(eta=eta, tau=tau) for eta, tau in FEDOPT] for name in ("fedadam", "fedyogi", "fedadagrad")},
+        "fedcmp": [server(eta_s=eta_s, beta=beta, rho=rho) for eta_s, beta, rho in FEDCMP],
     }
+    assert all(len(settings) in (1, BUDGET) for settings in grid.values())
+    return grid
 
 
 def inherit_ablations(chosen: dict[str, dict[str, Any]]) -> None:
@@ -84,9 +85,9 @@ def score_cell(grid: Grid, scenario: str, seed: int, cache: Path, threads: int) 
     return scores
 
 
-def run_grid(grid: Grid, cache: Path, jobs: int) -> dict[str, list[float]]:
+def run_grid(grid: Grid, cache: Path, jobs: int, seeds: list[int]) -> dict[str, list[float]]:
     """Mean score of every setting over the scenarios and tuning seeds, per strategy in grid order."""
-    cells = [(scenario, seed) for scenario in SCENARIOS for seed in TUNING_SEEDS]
+    cells = [(scenario, seed) for scenario in SCENARIOS for seed in seeds]
     threads = 1 if jobs > 1 else (os.cpu_count() or 1)
     scores: dict[tuple[str, int], list[float]] = {}
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -114,30 +115,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path("runs/bench-data"))
     parser.add_argument("--report", type=Path, default=Path("docs/TUNING.md"))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (1 thread each)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(TUNING_SEEDS),
+                        help="tuning seeds (never the benchmark's 0-2)")
     args = parser.parse_args(argv)
+    if set(args.seeds) & {0, 1, 2}:
+        parser.error("the benchmark's seeds 0-2 are not for tuning")
     setup_logging()
     began = time.monotonic()
     chosen: dict[str, dict[str, Any]] = {}
-    grid = structure_grid()
-    structure_rows = choose(grid, run_grid(grid, args.cache, args.jobs), chosen)
-    params = chosen["fedcmp"]["strategy_params"]
-    structure = {key: params[key] for key in STRUCTURES[0]}
-    grid = strategy_grid(structure)
-    strategy_rows = choose(grid, run_grid(grid, args.cache, args.jobs), chosen)
+    grid = strategy_grid()
+    rows = choose(grid, run_grid(grid, args.cache, args.jobs, args.seeds), chosen)
     inherit_ablations(chosen)
     lines = ["# Validation sweep", "",
-             f"Produced by `python bench/tune.py` in {(time.monotonic() - began) / 60:.1f} minutes. Score: NLL on the "
-             "validation splits carved from the clients' training data, each client weighted equally, mean over "
-             f"the four scenarios and seeds {list(TUNING_SEEDS)} (the benchmark uses seeds 0-2; the test split is "
-             f"never loaded). Scale: {FULL.clients} clients x {FULL.samples_per_client} samples, {FULL.rounds} rounds.",
-             "", f"## Stage 1: Fed-CMP's client weights, fusion ridge and agreement temperature (at {STRUCTURE_STEP})",
-             "",
-             *structure_rows, "",
-             f"## Stage 2: every strategy, four settings each (Fed-CMP with {structure})", "",
-             *strategy_rows, "",
+             f"Produced by `python bench/tune.py --jobs {args.jobs} --seeds {' '.join(map(str, args.seeds))}` in "
+             f"{(time.monotonic() - began) / 60:.1f} minutes. "
+             "Score: NLL on the validation splits carved from the clients' training data, each client weighted "
+             f"equally, mean over the four scenarios and seeds {args.seeds} (the benchmark uses seeds 0-2; "
+             f"the test split is never loaded). Scale: {FULL.clients} clients x {FULL.samples_per_client} samples, "
+             f"{FULL.rounds} rounds. Every strategy with a knob gets {BUDGET} settings.", "",
+             *rows, "",
              "The ablations `fedcmp-no-reliability`, `fedcmp-no-momentum`, `fedcmp-mean-fusion` and "
-             "`fedcmp-sample-weights` take Fed-CMP's "
-             "chosen setting, minus the keys they pin.", ""]
+             "`fedcmp-sample-weights` take Fed-CMP's chosen setting, minus the keys they pin.", ""]
     TUNED_FILE.write_text("# Written by bench/tune.py (validation sweep); read by bench/bench_quality.py.\n" +
                           yaml.safe_dump(chosen, sort_keys=True))
     args.report.write_text("\n".join(lines))

@@ -29,6 +29,16 @@ def caption_nll(
     return total_nll / total_tokens
 
 
+def _caption_rows(caption_ids: Tensor, caption_mask: Tensor) -> Tensor:
+    """One row per example that is equal exactly when two examples carry the same caption. [N, 2L]"""
+    return torch.cat([caption_ids * caption_mask, caption_mask], dim=1)
+
+
+def count_distinct_captions(caption_ids: Tensor, caption_mask: Tensor) -> int:
+    """How many distinct captions (token sequences) the set holds: retrieval needs `num_candidates` of them."""
+    return int(torch.unique(_caption_rows(caption_ids, caption_mask), dim=0).shape[0])
+
+
 @torch.no_grad()
 def retrieval_accuracy(
     model: ProjectorMLLM,
@@ -50,7 +60,7 @@ def retrieval_accuracy(
     """
     num_images = len(features)
     # caption_class[i]: which distinct caption example i carries.
-    rows = torch.cat([caption_ids * caption_mask, caption_mask], dim=1)  # [N, 2L]
+    rows = _caption_rows(caption_ids, caption_mask)  # [N, 2L]
     distinct, caption_class = torch.unique(rows, dim=0, return_inverse=True)  # [U, 2L], [N]
     num_distinct = distinct.shape[0]
     if num_distinct < num_candidates:

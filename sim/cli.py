@@ -63,8 +63,10 @@ def main(argv: list[str] | None = None) -> int:
 
         result = simulator.run(args.mode, report)
         print("final " + " ".join(f"{key}={value:.4f}" for key, value in result.final.items()), flush=True)
+        for metric, why in result.unavailable.items():
+            print(f"{metric} unavailable: {why}", flush=True)
         if sink:
-            sink.write(json.dumps({"event": "final", **result.final}) + "\n")
+            sink.write(json.dumps({"event": "final", **result.final, "unavailable": result.unavailable}) + "\n")
     finally:
         if sink:
             sink.close()

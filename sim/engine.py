@@ -7,7 +7,8 @@ sample-weighted metrics. So for a given seed the simulator's global projector eq
 real coordinator commits (checked by an integration test). On top, it scores every global on
 the federation's test split, which no client sees: NLL per token and caption retrieval
 accuracy after every round (retrieval on a balanced 100-image prefix per round, on the whole
-split at the end).
+split at the end). Retrieval needs as many distinct test captions as candidates; on a test split
+with fewer, it is left out and `SimResult.unavailable` says why.
 
 Bounds for the benchmark use the same trainer: `centralized` pools every client's training data
 into one session trained for the same total number of steps; `local` trains each client alone.
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor
 
 from fedcmp.client.data import scan_data
-from fedcmp.client.evaluation import caption_nll, retrieval_accuracy
+from fedcmp.client.evaluation import caption_nll, count_distinct_captions, retrieval_accuracy
 from fedcmp.client.model import ProjectorMLLM
 from fedcmp.client.features import EncodedSplit, concat_splits, open_features
 from fedcmp.client.trainer import LocalSession
@@ -75,6 +76,7 @@ class SimResult:
     rounds: list[dict[str, float]] = field(default_factory=list)  # one row per round
     final: dict[str, float] = field(default_factory=dict)
     global_params: dict[str, Tensor] = field(default_factory=dict)
+    unavailable: dict[str, str] = field(default_factory=dict)  # metric -> why it could not be computed
 
 
 class Simulator:
@@ -89,12 +91,16 @@ class Simulator:
         # runs on the test split's first `round_retrieval_images` (every prefix of the split is
         # balanced over domains, styles and concepts); the final metrics use the whole split.
         self.round_retrieval_images = round_retrieval_images
+        self.unavailable: dict[str, str] = {}
 
     def run(self, mode: Mode = "federated", on_round: RoundCallback | None = None) -> SimResult:
         if mode not in MODES:
             raise ValueError(f"unknown simulation mode {mode!r}; known: {', '.join(MODES)}")
         runner = {"federated": self._federated, "centralized": self._centralized, "local": self._local}[mode]
-        return runner(on_round or (lambda row: None))
+        self.unavailable = {}
+        result = runner(on_round or (lambda row: None))
+        result.unavailable = dict(self.unavailable)
+        return result
 
     # ---- modes ------------------------------------------------------------------------------
     def _initial(self) -> dict[str, Tensor]:
@@ -178,11 +184,18 @@ class Simulator:
         model.load_projector_params(params)
         metrics = {"test_nll": caption_nll(model, test.features, test.caption_ids, test.caption_mask,
                                            self.recipe.batch_size)}
+        if retrieval_images == 0:
+            return metrics
         subset = test.take(torch.arange(len(test))[:retrieval_images])
-        if retrieval_images != 0 and len(subset) >= self.retrieval_candidates:
+        distinct = count_distinct_captions(subset.caption_ids, subset.caption_mask)
+        if distinct >= self.retrieval_candidates:
             metrics["test_retrieval"] = retrieval_accuracy(model, subset.features, subset.caption_ids,
                                                            subset.caption_mask, num_candidates=self.retrieval_candidates,
                                                            seed=self.recipe.seed)
+        else:
+            self.unavailable["test_retrieval"] = (
+                f"retrieval picks the true caption among {self.retrieval_candidates} distinct ones; the "
+                f"{len(subset)} scored test images carry {distinct} distinct captions")
         return metrics
 
     def _final_metrics(self, params: dict[str, Tensor], val_sessions: Sequence[LocalSession] = ()) -> dict[str, float]:

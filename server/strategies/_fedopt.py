@@ -21,6 +21,7 @@ from torch import Tensor
 
 from .base import (
     ClientUpdate,
+    NormBounded,
     float32,
     join_state,
     mean_delta,
@@ -31,7 +32,7 @@ from .base import (
 )
 
 
-class FedOpt(ABC):
+class FedOpt(NormBounded, ABC):
     name: str
 
     def __init__(self, *, eta: float, beta_1: float, beta_2: float, tau: float) -> None:
@@ -52,7 +53,7 @@ class FedOpt(ABC):
         return self.eta
 
     def aggregate(self, global_params: dict[str, Tensor], updates: Sequence[ClientUpdate]) -> dict[str, Tensor]:
-        _, delta = mean_delta(global_params, updates)  # Delta_t per key
+        _, delta = mean_delta(global_params, updates, self.norm_bound)  # Delta_t per key
         t = self._round + 1
         eta_t = self.step_size(t)
         m_new: dict[str, Tensor] = {}

@@ -12,7 +12,12 @@ Contract (docs/algorithm.md, "Contract every strategy keeps" and "Durability con
   is already sorted by client_id (the server's is), is also the first accumulation pass.
 - Clients are processed in `client_id` order, so the result does not depend on the order
   in which uploads arrived (bit for bit).
-- p_k = n_k / sum_j n_j, n_k = `num_samples`.
+- Client weights are each strategy's own: sample shares n_k / sum_j n_j for FedAvg and the
+  baselines built on it, equal weights for `fedavg-equal`, n_k / tau_k for FedNova,
+  n_k^alpha for Fed-CMP (n_k = `num_samples`, tau_k = the client's reported `steps`).
+- Norm bound (every strategy, recipe key `norm_bound`, off = inf unless the strategy says
+  otherwise): each client's delta D_k = W^k - W is scaled by
+  min(1, norm_bound * median_j ||D_j|| / ||D_k||) before any accumulation (`bounded`).
 - Inputs are float32, never mutated; outputs are fresh float32 CPU tensors with the keys
   and shapes of `global_params`.
 - `state_dict()` holds tensors only (scalars as 0-d int64), so it round-trips through
@@ -21,16 +26,19 @@ Contract (docs/algorithm.md, "Contract every strategy keeps" and "Durability con
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import statistics
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
 
 ROUND_KEY = "round"  # state key of the round counter (0-d int64), shared by stateful strategies
+NORM_BOUND_KEY = "norm_bound"  # the hyper-parameter every strategy accepts (see `bounded`)
 
 
 @dataclass
@@ -38,7 +46,7 @@ class ClientUpdate:
     client_id: str
     num_samples: int
     params: dict[str, Tensor]  # the client's local projector after training
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # the client's report; its trainer sends `steps` and `samples`
 
 
 @runtime_checkable
@@ -54,24 +62,44 @@ class Strategy(Protocol):
     def load_state_dict(self, state: dict[str, Tensor]) -> None: ...
 
 
+class NormBounded:
+    """Base of every registered strategy: the norm bound (`norm_bound`), set by `build_strategy`.
+
+    A class sets its default by overriding `norm_bound` (inf: no bound).
+    """
+
+    norm_bound: float = math.inf
+
+
 @dataclass(frozen=True)
 class Participant:
-    """One client of the round: where it sits in `updates`, its sample count and p_k."""
+    """One client of the round: where it sits in `updates`, and how the passes scale its delta."""
 
     index: int
     client_id: str
     num_samples: int
-    weight: float
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    norm: float = math.nan  # ||W^k - W||_F over every parameter (float64); NaN until `survey`
+    scale: float = 1.0  # s_k: the passes see s_k (W^k - W)
+    wide: bool = False  # W^k - W overflows float32: the passes form it in float64
+
+    def delta(self, new: Tensor, base: Tensor, out: Tensor) -> Tensor:
+        """s_k (new - base) into `out` (float32, shaped like `base`); finite for any finite input."""
+        if self.wide:
+            return out.copy_(float32(new).double().sub_(base.double()).mul_(self.scale))
+        torch.sub(float32(new), base, out=out)
+        return out if self.scale == 1.0 else out.mul_(self.scale)
 
 
 class Pass(Protocol):
     """One streaming pass over the round's clients, fed one update at a time in client_id order.
 
-    `position` is the client's rank in client_id order; `count` is its num_samples. Passes
-    weight by counts and divide by their sum at the end, so they need no total up front.
+    `position` is the client's rank in client_id order; `part` says how to form its delta
+    (`part.delta`). Passes weight as their strategy does and normalise at the end, so they
+    need no total up front.
     """
 
-    def add(self, position: int, update: ClientUpdate, count: float) -> None: ...
+    def add(self, position: int, update: ClientUpdate, part: Participant) -> None: ...
 
 
 P = TypeVar("P", bound=Pass)
@@ -89,61 +117,118 @@ def first_pass(
 
     One read per update when `updates` is already sorted by client_id (the server's spilled
     sequence is); otherwise the reads so far are dropped, a metadata pass sorts the clients
-    and a fresh pass runs in that order.
+    and a fresh pass runs in that order. Deltas are not scaled (no norm bound).
     """
     if not global_params:
         raise ValueError("global_params is empty")
     acc = new_pass()
-    seen: list[tuple[str, int, int]] = []  # (client_id, index, num_samples), ascending ids
+    seen: list[Participant] = []  # ascending client ids
     for index in range(len(updates)):
         update = updates[index]
         _check_update(update, global_params)
-        in_order = not seen or update.client_id > seen[-1][0]
+        in_order = not seen or update.client_id > seen[-1].client_id
         if in_order:
-            seen.append((update.client_id, index, update.num_samples))
-            acc.add(len(seen) - 1, update, float(update.num_samples))
+            seen.append(Participant(index, update.client_id, update.num_samples, dict(update.metrics)))
+            acc.add(len(seen) - 1, update, seen[-1])
         del update  # at most one client's parameters alive at a time
         if not in_order:
             break
     else:
-        return _weigh(seen), acc
-    order = _participants(global_params, updates)
+        return _checked_round(seen), acc
+    order = _participants(global_params, updates, with_norms=False)
     acc = new_pass()
     replay(updates, order, acc)
     return order, acc
 
 
 def replay(updates: Sequence[ClientUpdate], order: Sequence[Participant], acc: Pass) -> None:
-    """A further pass over the clients, in the order `first_pass` returned."""
+    """A further pass over the clients, in the order `first_pass` or `survey` returned."""
     for position, part in enumerate(order):
         update = updates[part.index]
-        acc.add(position, update, float(part.num_samples))
+        acc.add(position, update, part)
         del update
 
 
-def _participants(global_params: Mapping[str, Tensor], updates: Sequence[ClientUpdate]) -> list[Participant]:
-    """Metadata pass: validate every update, return the clients sorted by client_id with p_k."""
-    seen: list[tuple[str, int, int]] = []  # (client_id, index, num_samples)
+def survey(global_params: Mapping[str, Tensor], updates: Sequence[ClientUpdate]) -> list[Participant]:
+    """Metadata pass: validate every update and measure ||D_k|| (float64); clients sorted by client_id.
+
+    A non-finite entry is a ValueError naming the client. A delta that overflows float32 (an
+    entry near the float32 limit against a global of the opposite sign) is measured in float64
+    and marked `wide`, so the passes form it in float64 too.
+    """
+    if not global_params:
+        raise ValueError("global_params is empty")
+    return _participants(global_params, updates, with_norms=True)
+
+
+def bounded(order: Sequence[Participant], norm_bound: float) -> list[Participant]:
+    """Scale every delta longer than norm_bound * (median of the clients' ||D_k||) down to that length.
+
+    The median is over the clients that trained on something (num_samples > 0). norm_bound =
+    inf leaves every delta as it is. Needs the norms of `survey`.
+    """
+    if math.isinf(norm_bound):
+        return list(order)
+    limit = norm_bound * statistics.median(part.norm for part in order if part.num_samples > 0)
+    return [
+        dataclasses.replace(part, scale=part.scale * limit / part.norm) if part.norm > limit else part
+        for part in order
+    ]
+
+
+def normalised(order: Sequence[Participant]) -> tuple[list[Participant], float]:
+    """(clients with s_k divided by c, c): every scaled delta then has norm <= 1, c = max_k s_k ||D_k||.
+
+    For strategies whose accumulations are quadratic in D_k (Gram matrices, sketches): on
+    deltas of norm <= 1 they cannot overflow float32 whatever the input; the result is scaled
+    back by c. c = 1 when no client moved.
+    """
+    largest = max(part.scale * part.norm for part in order)
+    unit = largest if largest > 0.0 else 1.0
+    return [dataclasses.replace(part, scale=part.scale / unit) for part in order], unit
+
+
+def _participants(
+    global_params: Mapping[str, Tensor], updates: Sequence[ClientUpdate], with_norms: bool
+) -> list[Participant]:
+    """Validate every update; return the clients sorted by client_id (with ||D_k|| if asked)."""
+    seen: list[Participant] = []
+    base = {key: float32(tensor) for key, tensor in global_params.items()} if with_norms else {}
     for index in range(len(updates)):
         update = updates[index]
         _check_update(update, global_params)
-        seen.append((update.client_id, index, update.num_samples))
+        part = Participant(index, update.client_id, update.num_samples, dict(update.metrics))
+        seen.append(_measured(part, update, base) if with_norms else part)
         del update
-    return _weigh(sorted(seen))
+    return _checked_round(sorted(seen, key=lambda part: part.client_id))
 
 
-def _weigh(seen: list[tuple[str, int, int]]) -> list[Participant]:
-    """(client_id, index, num_samples) sorted by client_id -> Participants with p_k."""
+def _measured(part: Participant, update: ClientUpdate, base: Mapping[str, Tensor]) -> Participant:
+    """`part` with norm = ||W^k - W||_F in float64 (and `wide` if float32 cannot hold W^k - W)."""
+    squares = 0.0
+    for key, tensor in base.items():
+        delta = torch.sub(float32(update.params[key]), tensor)
+        squares += float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+    if math.isfinite(squares):
+        return dataclasses.replace(part, norm=math.sqrt(squares))
+    exact = sum(float(torch.linalg.vector_norm(float32(update.params[key]).double() - tensor.double())) ** 2
+                for key, tensor in base.items())
+    if not math.isfinite(exact):
+        raise ValueError(f"update of client {part.client_id!r} holds non-finite values")
+    return dataclasses.replace(part, norm=math.sqrt(exact), wide=True)
+
+
+def _checked_round(seen: list[Participant]) -> list[Participant]:
+    """The round's clients, sorted by client_id: refuse an empty round, duplicates, no samples at all."""
     if not seen:
         raise ValueError("no client updates to aggregate")
-    counts = Counter(client_id for client_id, _, _ in seen)
+    counts = Counter(part.client_id for part in seen)
     duplicates = sorted(client_id for client_id, count in counts.items() if count > 1)
     if duplicates:
         raise ValueError(f"duplicate client ids in one round: {duplicates}")
-    total = sum(num_samples for _, _, num_samples in seen)
-    if total <= 0:
+    if sum(part.num_samples for part in seen) <= 0:
         raise ValueError("every update reports num_samples = 0; sample weights are undefined")
-    return [Participant(index, client_id, n, n / total) for client_id, index, n in seen]
+    return seen
 
 
 def _check_update(update: ClientUpdate, global_params: Mapping[str, Tensor]) -> None:
@@ -161,32 +246,52 @@ def _check_update(update: ClientUpdate, global_params: Mapping[str, Tensor]) -> 
             )
 
 
-def total_samples(order: Sequence[Participant]) -> float:
-    return float(sum(part.num_samples for part in order))
+# --- the weighted mean of the deltas (FedAvg and the strategies built on it) ---------------
+
+Weigh = Callable[[ClientUpdate], float]  # v_k, the unnormalised weight of a client
+
+
+def sample_weight(update: ClientUpdate) -> float:
+    """v_k = n_k: FedAvg's sample shares."""
+    return float(update.num_samples)
 
 
 class _DeltaSum:
-    """Pass accumulating sum_k n_k (W^k - W) per key, float32."""
+    """Pass accumulating sum_k v_k s_k D_k per key (float32) and sum_k v_k."""
 
-    def __init__(self, base: Mapping[str, Tensor]) -> None:
-        self.base = base
+    def __init__(self, base: Mapping[str, Tensor], weigh: Weigh) -> None:
+        self.base, self.weigh = base, weigh
+        self.weight = 0.0
         self.total = {key: torch.zeros_like(tensor) for key, tensor in base.items()}
-        self.delta = {key: torch.empty_like(tensor) for key, tensor in base.items()}  # D_k, reused
+        self.delta = {key: torch.empty_like(tensor) for key, tensor in base.items()}  # s_k D_k, reused
 
-    def add(self, position: int, update: ClientUpdate, count: float) -> None:
+    def add(self, position: int, update: ClientUpdate, part: Participant) -> None:
+        weight = self.weigh(update)
+        self.weight += weight
         for key, acc in self.total.items():
-            torch.sub(float32(update.params[key]), self.base[key], out=self.delta[key])  # D_k
-            acc.add_(self.delta[key], alpha=count)
+            acc.add_(part.delta(update.params[key], self.base[key], out=self.delta[key]), alpha=weight)
 
 
 def mean_delta(
-    global_params: Mapping[str, Tensor], updates: Sequence[ClientUpdate]
+    global_params: Mapping[str, Tensor],
+    updates: Sequence[ClientUpdate],
+    norm_bound: float = math.inf,
+    weigh: Weigh = sample_weight,
 ) -> tuple[list[Participant], dict[str, Tensor]]:
-    """(clients, Dbar) with Dbar = sum_k p_k (W^k - W) per key, in one pass over sorted `updates`."""
+    """(clients, Dbar) with Dbar = sum_k v_k s_k D_k / sum_k v_k per key, in client_id order.
+
+    One pass over sorted `updates` without a norm bound; with one, a `survey` pass first.
+    """
     base = {key: float32(tensor) for key, tensor in global_params.items()}
-    order, acc = first_pass(global_params, updates, lambda: _DeltaSum(base))
-    total = total_samples(order)
-    return order, {key: tensor.div_(total) for key, tensor in acc.total.items()}
+    if math.isinf(norm_bound):
+        order, acc = first_pass(global_params, updates, lambda: _DeltaSum(base, weigh))
+    else:
+        order = bounded(survey(global_params, updates), norm_bound)
+        acc = _DeltaSum(base, weigh)
+        replay(updates, order, acc)
+    if acc.weight <= 0.0:
+        raise ValueError("every client weighs 0 this round; the mean is undefined")
+    return order, {key: tensor.div_(acc.weight) for key, tensor in acc.total.items()}
 
 
 # --- hyper-parameters --------------------------------------------------------------------

@@ -5,7 +5,8 @@ Decentralized Data"): the sample-weighted mean of the client projectors.
 
 which equals sum_k p_k W_t^k; averaging the deltas D_k = W_t^k - W_t keeps more float32
 digits when the round moves the weights little. Computed as (sum_k n_k D_k) / sum_k n_k in
-one pass over the clients in client_id order. Stateless, no hyper-parameters.
+one pass over the clients in client_id order (two with a `norm_bound`). Stateless; its only
+hyper-parameter is the norm bound every strategy has (default inf: off).
 """
 from __future__ import annotations
 
@@ -13,14 +14,18 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from .base import ClientUpdate, float32, mean_delta
+from .base import ClientUpdate, NormBounded, float32, mean_delta
 
 
-class FedAvg:
+class FedAvg(NormBounded):
     name = "fedavg"
 
+    def client_weight(self, update: ClientUpdate) -> float:
+        """v_k, the unnormalised weight of a client: its sample count."""
+        return float(update.num_samples)
+
     def aggregate(self, global_params: dict[str, Tensor], updates: Sequence[ClientUpdate]) -> dict[str, Tensor]:
-        _, delta = mean_delta(global_params, updates)
+        _, delta = mean_delta(global_params, updates, self.norm_bound, self.client_weight)
         return {key: d.add_(float32(global_params[key])) for key, d in delta.items()}
 
     def state_dict(self) -> dict[str, Tensor]:

@@ -10,7 +10,8 @@ Hyper-parameters (Flower names):
 - server_learning_rate (eta) = 1.0
 - server_momentum (beta) = 0.9. Flower's default is 0.0, which makes FedAvgM FedAvg; 0.9 is
   the value Hsu et al. recommend and the usual baseline setting.
-State: `round` and `momentum/<key>` (v_t per parameter).
+State: `round` and `momentum/<key>` (v_t per parameter). `mean_step` (Dbar_t) is the hook
+FedNova overrides.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from torch import Tensor
 
 from .base import (
     ClientUpdate,
+    NormBounded,
     float32,
     join_state,
     mean_delta,
@@ -31,7 +33,7 @@ from .base import (
 )
 
 
-class FedAvgM:
+class FedAvgM(NormBounded):
     name = "fedavgm"
 
     def __init__(self, *, server_learning_rate: float = 1.0, server_momentum: float = 0.9) -> None:
@@ -41,7 +43,7 @@ class FedAvgM:
         self._momentum: dict[str, Tensor] = {}
 
     def aggregate(self, global_params: dict[str, Tensor], updates: Sequence[ClientUpdate]) -> dict[str, Tensor]:
-        _, delta = mean_delta(global_params, updates)
+        delta = self.mean_step(global_params, updates)
         momentum: dict[str, Tensor] = {}
         new_params: dict[str, Tensor] = {}
         for key, d in delta.items():
@@ -52,6 +54,10 @@ class FedAvgM:
         self._momentum = momentum
         self._round += 1
         return new_params
+
+    def mean_step(self, global_params: dict[str, Tensor], updates: Sequence[ClientUpdate]) -> dict[str, Tensor]:
+        """Dbar_t = sum_k p_k (W_t^k - W_t) per key, fresh tensors."""
+        return mean_delta(global_params, updates, self.norm_bound)[1]
 
     def state_dict(self) -> dict[str, Tensor]:
         return join_state(self._round, {"momentum": self._momentum})

@@ -1,10 +1,12 @@
 """Fed-CMP: Canonical Reliability-Aware Aggregation (CRA) + Orthogonality-Preserved Momentum
-(OPM), this project's formulation (docs/algorithm.md) of
-"A Step Toward Federated Pretraining of Multimodal Large Language Models" (arXiv 2603.26786).
+(OPM), this project's formulation (docs/algorithm.md, which also says where it departs from the
+design's specification) of "A Step Toward Federated Pretraining of Multimodal Large Language
+Models" (arXiv 2603.26786).
 
 Per layer L = [W | b] in R^{m x n} (bias appended as a column), clients k = 1..K,
 p_k = n_k^alpha / sum_j n_j^alpha (alpha = 1: sample shares; alpha = 0: every client alike,
-step-normalised), D_k = W_t^k - W_t:
+step-normalised), D_k = s_k (W_t^k - W_t) with the norm bound
+s_k = min(1, norm_bound * median_j ||W_t^j - W_t|| / ||W_t^k - W_t||) (base.bounded):
 
     U_t     = top-r eigenvectors of G = sum_k p_k D_k D_k^T                        [m, r]
               r = smallest rank holding a fraction tau of trace(G), r <= r_max
@@ -12,8 +14,10 @@ step-normalised), D_k = W_t^k - W_t:
     C_k     = U_t^T D_k                                                             [r, n]
     cbar_i  = sum_k p_k C_k[i] / ||C_k[i]||                  (consensus of unit rows)
     a_ki    = cos(C_k[i], cbar_i)                            (0 for a zero row)
+    e_ki    = max(0, -a_ki - kappa sigma_i)                  (sigma_i = 1.4826 MAD_i of a_.i over the
+              clients whose row moved: moving against the consensus beyond the honest spread)
     f_k     = ||C_k||_F^2 / ||D_k||_F^2                      (1 when D_k = 0)
-    w_ki    = p_k f_k^gamma exp(a_ki / T) / sum_j p_j f_j^gamma exp(a_ji / T)
+    w_ki    = p_k f_k^gamma exp(-e_ki / T) / sum_j p_j f_j^gamma exp(-e_ji / T)
     Chat[i] = (1 + rho) (H_i + rho I)^{-1} sum_k w_ki C_k[i],  H_i = sum_k w_ki u_ki u_ki^T  [n, n]
               (u_ki = C_k[i] / ||C_k[i]||: a direction every client moves along identically gets
               that move, rows of different clients that are orthogonal add up instead of being
@@ -23,11 +27,15 @@ step-normalised), D_k = W_t^k - W_t:
     M_t     = beta U_t U_t^T M_{t-1} + Dhat_t
     W_{t+1} = W_t + eta_s M_t
 
-alpha = 1, tau = 1, T = inf, gamma = 0, rho = inf, beta = 0 gives w = p and Dhat = Dbar: FedAvg.
+alpha = 1, tau = 1, T = inf, gamma = 0, rho = inf, beta = 0, norm_bound = inf gives w = p and
+Dhat = Dbar: FedAvg.
 
 Computing U_t without the m x Kn matrix [sqrt(p_1) D_1, ...]: streaming passes over the
 clients in client_id order, one client in memory at a time (sums weighted by n_k^alpha,
-divided by sum_k n_k^alpha at the end); two passes when a layer is sketched, one otherwise.
+divided by sum_k n_k^alpha at the end). A survey pass first measures ||W_t^k - W_t|| (float64)
+for the norm bound; every later pass works on D_k / c, c = max_k ||D_k||, so no Gram or sketch
+entry can overflow float32 whatever the input, and Dhat_t is scaled back by c. Then one sketch
+pass when a layer is tall, and one projection pass.
 - Range. A layer with m <= 2s (s = r_max + oversample) uses the whole space, Q = I_m.
   A taller layer gets a randomized range sketch (Halko, Martinsson & Tropp, 2011):
   Y = G Omega = sum_k p_k D_k (D_k^T Omega), Omega ~ N(0, 1)^{m x s} seeded by (seed, round),
@@ -53,14 +61,18 @@ from torch import Tensor
 
 from .base import (
     ClientUpdate,
-    first_pass,
+    NormBounded,
+    Participant,
+    bounded,
     float32,
     int_hyper,
     join_state,
+    normalised,
     positive,
     real_hyper,
     replay,
     split_state,
+    survey,
     unit_interval,
 )
 
@@ -97,12 +109,12 @@ class Layer:
         """[W | b] as float32 [m, n]."""
         return torch.cat([float32(params[key]).reshape(self.rows, -1) for key in self.keys], dim=1)
 
-    def delta(self, params: Mapping[str, Tensor], base: Tensor, out: Tensor) -> Tensor:
-        """D = matrix(params) - base written into `out` [m, n], block by block (no concatenated copy)."""
+    def delta(self, params: Mapping[str, Tensor], base: Tensor, out: Tensor, part: Participant) -> Tensor:
+        """s_k (matrix(params) - base) written into `out` [m, n], block by block (no concatenated copy)."""
         start = 0
         for key, width in zip(self.keys, self.widths):
             block = slice(start, start + width)
-            torch.sub(float32(params[key]).reshape(self.rows, -1), base[:, block], out=out[:, block])
+            part.delta(params[key].reshape(self.rows, -1), base[:, block], out=out[:, block])
             start += width
         return out
 
@@ -184,8 +196,28 @@ class Rows:
         return cls(coef, norms, coef / torch.where(norms > 0, norms, 1.0)[..., None])
 
 
-def reliability_weights(rows: Rows, p: Tensor, fidelity: Tensor, temperature: float, gamma: float) -> Tensor:
-    """w_ki = p_k f_k^gamma exp(a_ki / T), normalised over clients k.
+MAD_TO_SIGMA = 1.4826  # sigma = 1.4826 MAD for normally distributed values
+
+
+def significant_disagreement(agreement: Tensor, moved: Tensor, kappa: float) -> Tensor:
+    """e_ki = max(0, -a_ki - kappa sigma_i): how far a client moves against the consensus beyond the honest spread.
+
+    Honest heterogeneity makes rows orthogonal to the consensus (a near 0), which the
+    overlap-aware fusion adds up; only a row pointing against it (a < 0) by more than kappa
+    sigma_i counts. sigma_i = 1.4826 MAD_i, the scaled median absolute deviation of a_.i from
+    its (lower) median over the clients whose row moved. agreement: a [K, r]; moved: [K, r]
+    bool. A row that did not move gets e = 0. Returns e [K, r].
+    """
+    scores = torch.where(moved, agreement, math.nan)  # [K, r]
+    median = scores.nanmedian(dim=0).values  # [r]; NaN where no row moved
+    sigma = MAD_TO_SIGMA * (scores - median).abs().nanmedian(dim=0).values  # [r]
+    excess = (-agreement - kappa * sigma).clamp_min(0.0)  # [K, r]
+    return torch.where(moved, excess, 0.0)
+
+
+def reliability_weights(rows: Rows, p: Tensor, fidelity: Tensor, temperature: float, gamma: float,
+                        kappa: float) -> Tensor:
+    """w_ki = p_k f_k^gamma exp(-e_ki / T), normalised over clients k (e: significant_disagreement).
 
     rows: the rows of C [K, r, n]; p: [K]; fidelity: f [K]. Returns w [K, r].
     """
@@ -194,8 +226,8 @@ def reliability_weights(rows: Rows, p: Tensor, fidelity: Tensor, temperature: fl
     consensus_norm = torch.linalg.vector_norm(consensus, dim=1)  # [r]
     agreement = torch.einsum("krn,rn->kr", unit, consensus) / torch.where(consensus_norm > 0, consensus_norm, 1.0)
     agreement = agreement.clamp(-1.0, 1.0)  # a [K, r]; 0 where either row is zero
-    logits = agreement / temperature  # T = inf: all 0
-    scale = torch.exp(logits - logits.amax(dim=0, keepdim=True))  # [K, r], in (0, 1]
+    moved = (rows.norms > 0) & (p[:, None] > 0)  # [K, r]
+    scale = torch.exp(-significant_disagreement(agreement, moved, kappa) / temperature)  # [K, r] in (0, 1]; T = inf: 1
     weights = (p * fidelity.pow(gamma))[:, None] * scale  # [K, r]
     total = weights.sum(dim=0, keepdim=True)  # [1, r]
     return torch.where(total > 0, weights / torch.where(total > 0, total, 1.0), p[:, None])
@@ -222,6 +254,17 @@ def overlap_fusion(rows: Rows, weights: Tensor, rho: float) -> Tensor:
     return (1.0 + rho) * torch.einsum("rk,krn->rn", y, rows.unit)
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def rescaled(tensor: Tensor, factor: float) -> Tensor:
+    """tensor *= factor in place, also when factor itself exceeds float32 (applied as two square roots)."""
+    if factor <= FLOAT32_MAX:
+        return tensor.mul_(factor)
+    root = math.sqrt(factor)
+    return tensor.mul_(root).mul_(root)
+
+
 class _Sketch:
     """Pass 1, layers with m > 2s: Y = sum_k n_k^alpha D_k (Omega^T D_k)^T [m, s]; Q = qr(Y)."""
 
@@ -236,10 +279,10 @@ class _Sketch:
         self.layers, self.base, self.delta, self.omega_t, self.alpha = layers, base, delta, omega, alpha
         self.y = {name: torch.zeros(o.shape[1], o.shape[0]) for name, o in omega.items()}  # [m, s]
 
-    def add(self, position: int, update: ClientUpdate, count: float) -> None:
-        weight = client_weight(count, self.alpha)
+    def add(self, position: int, update: ClientUpdate, part: Participant) -> None:
+        weight = client_weight(update.num_samples, self.alpha)
         for layer in self.layers:
-            d = layer.delta(update.params, self.base[layer.name], out=self.delta[layer.name])  # D_k [m, n]
+            d = layer.delta(update.params, self.base[layer.name], self.delta[layer.name], part)  # s_k D_k [m, n]
             sketch = times_transposed(self.omega_t[layer.name], d.T)  # Omega^T D_k [s, n]
             self.y[layer.name].add_(times_transposed(d, sketch), alpha=weight)  # D_k D_k^T Omega [m, s]
 
@@ -273,11 +316,11 @@ class _Projection:
             self.sqnorm[layer.name] = torch.empty(clients)
             self.mean[layer.name] = torch.zeros(m, n)
 
-    def add(self, position: int, update: ClientUpdate, count: float) -> None:
-        weight = client_weight(count, self.alpha)
+    def add(self, position: int, update: ClientUpdate, part: Participant) -> None:
+        weight = client_weight(update.num_samples, self.alpha)
         for layer in self.layers:
             name = layer.name
-            d = layer.delta(update.params, self.base[name], out=self.delta[name])  # D_k [m, n]
+            d = layer.delta(update.params, self.base[name], self.delta[name], part)  # s_k D_k [m, n]
             z = self.z[name][position]  # [s, n]
             if name in self.ranges:
                 z.copy_(times_transposed(self.ranges[name], d.T))  # Q^T D_k
@@ -288,8 +331,9 @@ class _Projection:
             self.mean[name].add_(d, alpha=weight)
 
 
-class FedCMP:
+class FedCMP(NormBounded):
     name = "fedcmp"
+    norm_bound = 1.5
 
     def __init__(
         self,
@@ -297,8 +341,9 @@ class FedCMP:
         alpha: float = 0.0,
         tau: float = 0.95,
         r_max: int = 64,
-        temperature: float = 1.0,
-        gamma: float = 1.0,
+        temperature: float = 0.1,
+        kappa: float = 2.0,
+        gamma: float = 0.0,
         rho: float = 0.3,
         lam: float = 1.0,
         beta: float = 0.5,
@@ -310,6 +355,7 @@ class FedCMP:
         self.tau = real_hyper("tau", tau, "in (0, 1]", lambda v: 0.0 < v <= 1.0)
         self.r_max = int_hyper("r_max", r_max, ">= 1", lambda v: v >= 1)
         self.temperature = real_hyper("temperature", temperature, "> 0 (inf allowed)", lambda v: v > 0.0)
+        self.kappa = real_hyper("kappa", kappa, "a finite number >= 0", lambda v: 0.0 <= v < math.inf)
         self.gamma = real_hyper("gamma", gamma, "a finite number >= 0", lambda v: 0.0 <= v < math.inf)
         self.rho = real_hyper("rho", rho, "> 0 (inf allowed)", lambda v: v > 0.0)
         self.lam = real_hyper("lam", lam, "a finite number >= 0", lambda v: 0.0 <= v < math.inf)
@@ -331,21 +377,21 @@ class FedCMP:
         delta = {name: torch.empty_like(w) for name, w in base.items()}  # D_k [m, n], reused by both passes
         t = self._round + 1
         s = self.sketch_size
+        # Survey pass: ||D_k||; the norm bound and then 1 / unit scale every delta to norm <= 1
+        order, unit = normalised(bounded(survey(global_params, updates), self.norm_bound))
         tall = [layer for layer in layers if layer.rows > 2 * s]
-        if tall:  # pass 1 sketches the tall layers, pass 2 projects every layer
+        ranges: dict[str, Tensor] = {}
+        if tall:  # a sketch pass for the tall layers
             generator = torch.Generator().manual_seed(self.seed * 2**32 + t)
             omega = {layer.name: torch.randn(layer.rows, s, generator=generator).T.contiguous()
                      for layer in tall}  # Omega^T [s, m], Omega ~ N(0, 1)^{m x s}
-            order, sketch = first_pass(global_params, updates, lambda: _Sketch(tall, base, delta, omega, self.alpha))
+            sketch = _Sketch(tall, base, delta, omega, self.alpha)
+            replay(updates, order, sketch)
             ranges = sketch.ranges()
-            proj = _Projection(layers, base, delta, ranges, len(order), self.alpha)
-            replay(updates, order, proj)
-        else:  # Q = I everywhere: one pass
-            ranges = {}
-            order, proj = first_pass(global_params, updates,
-                                     lambda: _Projection(layers, base, delta, {}, len(updates), self.alpha))
+        proj = _Projection(layers, base, delta, ranges, len(order), self.alpha)  # the projection pass, every layer
+        replay(updates, order, proj)
         counts = torch.tensor([client_weight(part.num_samples, self.alpha) for part in order], dtype=torch.float64)
-        total_n = float(counts.sum())  # sum_k n_k^alpha, > 0: first_pass rejects a round without samples
+        total_n = float(counts.sum())  # sum_k n_k^alpha, > 0: survey rejects a round without samples
         p = (counts / total_n).float()  # [K]
 
         new_params: dict[str, Tensor] = {}
@@ -361,7 +407,7 @@ class FedCMP:
             u = v.contiguous() if name not in ranges else ranges[name].T @ v  # U_t = Q V_r [m, r]
             coef = torch.matmul(v.T, proj.z[name])  # C [K, r, n]
             mean = proj.mean[name].div_(total_n)  # Dbar [m, n]
-            step = self._fuse(u, coef, p, proj.sqnorm[name], mean)  # Dhat_t [m, n]
+            step = rescaled(self._fuse(u, coef, p, proj.sqnorm[name], mean), unit)  # Dhat_t [m, n], back from units
             previous = self._momentum.get(name)
             if self.beta > 0 and previous is not None:
                 if previous.shape != step.shape:
@@ -381,7 +427,7 @@ class FedCMP:
         has_delta = sqnorm > 0
         fidelity = torch.where(has_delta, coef_sq / torch.where(has_delta, sqnorm, 1.0), 1.0).clamp(0.0, 1.0)
         rows = Rows.of(coef)
-        weights = reliability_weights(rows, p, fidelity, self.temperature, self.gamma)  # [K, r]
+        weights = reliability_weights(rows, p, fidelity, self.temperature, self.gamma, self.kappa)  # [K, r]
         fused = overlap_fusion(rows, weights, self.rho)  # Chat [r, n]
         mean_coef = torch.einsum("k,krn->rn", p, coef)  # Cbar [r, n]
         return mean.addmm_(u, fused - self.lam * mean_coef, beta=self.lam)
@@ -407,7 +453,7 @@ class _Ablation(FedCMP):
 
 
 class FedCMPNoReliability(_Ablation):
-    """Ablation: plain sample weights in the canonical space, w_ki = p_k (T = inf, gamma = 0)."""
+    """Ablation: no reliability weighting in the canonical space, w_ki = p_k (T = inf, gamma = 0)."""
 
     name = "fedcmp-no-reliability"
     pinned = {"temperature": math.inf, "gamma": 0.0}
@@ -421,8 +467,7 @@ class FedCMPMeanFusion(_Ablation):
 
 
 class FedCMPSampleWeights(_Ablation):
-    """Ablation, and the specification's original weighting (docs/algorithm.md): clients count by their sample
-    shares, p_k = n_k / sum_j n_j (alpha = 1)."""
+    """Ablation, and the specification's weighting: clients count by their sample shares, p_k = n_k / sum_j n_j (alpha = 1)."""
 
     name = "fedcmp-sample-weights"
     pinned = {"alpha": 1.0}

@@ -1,11 +1,10 @@
-"""FedProx (Li et al., 2020, "Federated Optimization in Heterogeneous Networks").
+"""FedProx (Li et al., 2020, "Federated Optimization in Heterogeneous Networks"): FedAvg on the
+server, a proximal term on the clients.
 
-The proximal term mu/2 ||w - w_t||^2 is added to each client's local loss; the recipe
-carries `proximal_mu` and the client trainer applies it. The server side is FedAvg:
-
-    W_{t+1} = W_t + sum_k p_k (W_t^k - W_t)
-
-so this strategy only differs from `fedavg` by its name (which tells clients to use the term).
+The server side is FedAvg, W_{t+1} = W_t + sum_k p_k (W_t^k - W_t). The proximal term
+mu/2 ||w - W_t||^2 is the client trainer's: it is added to every client's local loss when the
+recipe's `proximal_mu` is > 0, whatever the strategy (the recipe's default is 0, so a `fedprox`
+run without `proximal_mu` is FedAvg under another name).
 """
 from __future__ import annotations
 

@@ -1,26 +1,31 @@
 """Strategy registry: the one place that maps a recipe's `strategy` name to a class.
 
-Adding a strategy is one module defining a class with a `name` attribute and keyword-only,
-defaulted hyper-parameters, plus one line in `_CLASSES`.
+Adding a strategy is one module defining a `NormBounded` class with a `name` attribute and
+keyword-only, defaulted hyper-parameters, plus one line in `_CLASSES`. Every strategy also
+accepts `norm_bound` (base.bounded), which the registry validates and sets.
 """
 from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
 
-from .base import Strategy
+from .base import NORM_BOUND_KEY, Strategy, real_hyper
 from .fedadagrad import FedAdagrad
 from .fedadam import FedAdam
 from .fedavg import FedAvg
+from .fedavg_equal import FedAvgEqual
 from .fedavgm import FedAvgM
 from .fedcmp import FedCMP, FedCMPMeanFusion, FedCMPNoMomentum, FedCMPNoReliability, FedCMPSampleWeights
+from .fednova import FedNova
 from .fedprox import FedProx
 from .fedyogi import FedYogi
 
 _CLASSES: tuple[type, ...] = (
     FedAvg,
+    FedAvgEqual,
     FedProx,
     FedAvgM,
+    FedNova,
     FedAdam,
     FedYogi,
     FedAdagrad,
@@ -41,18 +46,20 @@ def hyper_parameters(name: str) -> dict[str, object]:
     """The hyper-parameters `build_strategy(name, ...)` accepts, with their defaults.
 
     They are the keyword-only parameters of the nearest `__init__` in the class's MRO that
-    declares any, minus those the class `pinned` (the Fed-CMP ablations).
+    declares any, minus those the class `pinned` (the Fed-CMP ablations), plus `norm_bound`.
     """
     cls = _lookup(name)
     pinned = getattr(cls, "pinned", {})
+    accepted: dict[str, object] = {}
     for klass in cls.__mro__:
         if "__init__" not in vars(klass):
             continue
         params = inspect.signature(vars(klass)["__init__"]).parameters.values()
         keyword_only = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
         if keyword_only:
-            return {key: default for key, default in keyword_only.items() if key not in pinned}
-    return {}
+            accepted = {key: default for key, default in keyword_only.items() if key not in pinned}
+            break
+    return accepted | {NORM_BOUND_KEY: cls.norm_bound}
 
 
 def build_strategy(name: str, params: Mapping[str, float] | None = None) -> Strategy:
@@ -65,10 +72,13 @@ def build_strategy(name: str, params: Mapping[str, float] | None = None) -> Stra
         raise ValueError(
             f"unknown hyper-parameter(s) {unknown} for strategy {name!r}; accepted: {sorted(accepted) or 'none'}"
         )
+    norm_bound = given.pop(NORM_BOUND_KEY, cls.norm_bound)
     try:
-        return cls(**given)
+        strategy = cls(**given)
+        strategy.norm_bound = real_hyper(NORM_BOUND_KEY, norm_bound, "> 0 (inf: no bound)", lambda v: v > 0.0)
     except ValueError as err:
         raise ValueError(f"strategy {name!r}: {err}; accepted hyper-parameters: {sorted(accepted)}") from err
+    return strategy
 
 
 def _lookup(name: str) -> type:

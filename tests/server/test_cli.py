@@ -26,7 +26,7 @@ def test_resume_before_the_first_commit_works_for_every_strategy(tmp_path, strat
     base = {"w": torch.zeros(3, 2)}
     from fedcmp.server.strategies import ClientUpdate
 
-    updates = [ClientUpdate("a", 4, {"w": torch.ones(3, 2)}, {}), ClientUpdate("b", 4, {"w": torch.ones(3, 2)}, {})]
+    updates = [ClientUpdate(name, 4, {"w": torch.ones(3, 2)}, {"steps": 5.0}) for name in ("a", "b")]  # fednova: steps
     assert torch.isfinite(coordinator.strategy.aggregate(base, updates)["w"]).all()
 
 

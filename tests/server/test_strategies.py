@@ -1,9 +1,11 @@
-"""Aggregation strategies: hand-computed baselines, Fed-CMP's properties (ALGORITHM.md),
-durability through safetensors, the registry and streaming over lazy update sequences."""
+"""Aggregation strategies: hand-computed baselines, the norm bound, Fed-CMP's properties and a
+from-the-formulas reference of its step (docs/algorithm.md), overflow safety, durability through
+safetensors, the registry and streaming over lazy update sequences."""
 from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
 import weakref
 from collections.abc import Sequence
 
@@ -12,8 +14,8 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from fedcmp.server.strategies import ClientUpdate, Strategy, available_strategies, build_strategy
-from fedcmp.server.strategies.fedcmp import Rows, group_layers, overlap_fusion, select_rank
+from fedcmp.server.strategies import ClientUpdate, Strategy, available_strategies, build_strategy, hyper_parameters
+from fedcmp.server.strategies.fedcmp import Rows, group_layers, overlap_fusion, select_rank, significant_disagreement
 
 Params = dict[str, torch.Tensor]
 
@@ -21,7 +23,9 @@ MLP = {"linear_1.weight": (6, 5), "linear_1.bias": (6,), "linear_2.weight": (6, 
 # m = 40 > 2 (r_max + oversample) = 12: Fed-CMP takes the randomized range-sketch path.
 TALL = {"linear_1.weight": (40, 12), "linear_1.bias": (40,)}
 SKETCH = {"r_max": 4, "oversample": 2}
-FEDAVG_SETTING = {"alpha": 1.0, "tau": 1.0, "temperature": math.inf, "gamma": 0.0, "rho": math.inf, "beta": 0.0, "eta_s": 1.0}
+FEDAVG_SETTING = {"alpha": 1.0, "tau": 1.0, "temperature": math.inf, "gamma": 0.0, "rho": math.inf, "beta": 0.0,
+                  "eta_s": 1.0, "norm_bound": math.inf}
+STEPS = 3  # the `steps` metric make_updates reports
 
 
 def random_params(shapes: dict[str, tuple[int, ...]], gen: torch.Generator, scale: float = 1.0) -> Params:
@@ -48,7 +52,7 @@ def random_deltas(shapes: dict[str, tuple[int, ...]], clients: int, gen: torch.G
 
 def make_updates(global_params: Params, deltas: Sequence[Params], samples: Sequence[int]) -> list[ClientUpdate]:
     return [
-        ClientUpdate(f"client-{k}", n, {key: global_params[key] + d[key] for key in d}, {"loss": 1.0})
+        ClientUpdate(f"client-{k}", n, {key: global_params[key] + d[key] for key in d}, {"loss": 1.0, "steps": STEPS})
         for k, (d, n) in enumerate(zip(deltas, samples))
     ]
 
@@ -93,6 +97,71 @@ def test_fedprox_server_side_is_fedavg() -> None:
     result = fedprox.aggregate(global_params, updates)
     expected = build_strategy("fedavg").aggregate(global_params, updates)
     assert all(torch.equal(result[key], expected[key]) for key in expected)
+
+
+def test_fedavg_equal_weighs_every_training_client_alike() -> None:
+    global_params = {"linear_1.weight": torch.tensor([[0.0, 0.0]])}
+    moves = {"a": (1, [1.0, 3.0]), "b": (3, [5.0, -1.0]), "idle": (0, [100.0, 100.0])}
+    updates = [ClientUpdate(cid, n, {"linear_1.weight": torch.tensor([move])}, {}) for cid, (n, move) in moves.items()]
+    result = build_strategy("fedavg-equal").aggregate(global_params, updates)
+    torch.testing.assert_close(result["linear_1.weight"], torch.tensor([[3.0, 1.0]]))  # (a + b) / 2; idle weighs 0
+    weighted = build_strategy("fedavg").aggregate(global_params, updates)
+    torch.testing.assert_close(weighted["linear_1.weight"], torch.tensor([[4.0, 0.0]]))  # 0.25 a + 0.75 b
+
+
+def nova_round(w: Params, steps: tuple[float, float] = (1.0, 3.0)) -> list[ClientUpdate]:
+    # a: n = 2, tau = 1, D = [1, 0]; b: n = 6, tau = 3, D = [0, 3]
+    return [ClientUpdate(cid, n, {"linear_1.weight": w["linear_1.weight"] + torch.tensor([move])}, {"steps": tau})
+            for cid, n, tau, move in zip("ab", (2, 6), steps, ([1.0, 0.0], [0.0, 3.0]))]
+
+
+def test_fednova_normalises_by_local_steps() -> None:
+    # p = (1/4, 3/4): d = 1/4 [1, 0] / 1 + 3/4 [0, 3] / 3 = [0.25, 0.75]; tau_eff = 1/4 + 3/4 * 3 = 2.5
+    step = torch.tensor([[0.625, 1.875]])  # tau_eff d
+    w0 = {"linear_1.weight": torch.tensor([[1.0, -1.0]])}
+    w1 = build_strategy("fednova").aggregate(w0, nova_round(w0))
+    torch.testing.assert_close(w1["linear_1.weight"], w0["linear_1.weight"] + step)
+    # with server momentum and step size (FedAvgM's rule): v1 = s, v2 = 0.5 s + s
+    strategy = build_strategy("fednova", {"server_learning_rate": 0.5, "server_momentum": 0.5})
+    w1 = strategy.aggregate(w0, nova_round(w0))
+    w2 = strategy.aggregate(w1, nova_round(w1))
+    torch.testing.assert_close(w1["linear_1.weight"], w0["linear_1.weight"] + 0.5 * step)
+    torch.testing.assert_close(w2["linear_1.weight"], w1["linear_1.weight"] + 0.75 * step)
+
+
+def test_fednova_needs_the_step_count() -> None:
+    w0 = {"linear_1.weight": torch.zeros(1, 2)}
+    for steps in ((1.0, 0.0), (1.0, math.nan)):
+        with pytest.raises(ValueError, match="client 'b': fednova needs the number of local steps as metric 'steps'"):
+            build_strategy("fednova").aggregate(w0, nova_round(w0, steps))
+    missing = [dataclasses.replace(update, metrics={}) for update in nova_round(w0)]
+    with pytest.raises(ValueError, match="client 'a'.*got None"):
+        build_strategy("fednova").aggregate(w0, missing)
+
+
+# --- the norm bound (every strategy) ----------------------------------------------------------
+
+
+def test_norm_bound_clips_each_delta_to_a_multiple_of_the_median_norm() -> None:
+    global_params = {"linear_1.weight": torch.tensor([[0.0, 0.0]])}
+    # norms 1, 2, 10 (and an idle client, outside the median): median 2, bound 1.5 * 2 = 3
+    moves = {"a": (1, [1.0, 0.0]), "b": (1, [0.0, 2.0]), "c": (1, [-10.0, 0.0]), "idle": (0, [0.0, 1e6])}
+    updates = [ClientUpdate(cid, n, {"linear_1.weight": torch.tensor([move])}, {}) for cid, (n, move) in moves.items()]
+    bounded = build_strategy("fedavg", {"norm_bound": 1.5}).aggregate(global_params, updates)
+    torch.testing.assert_close(bounded["linear_1.weight"], torch.tensor([[(1.0 - 3.0) / 3, 2.0 / 3]]))  # c -> [-3, 0]
+    plain = build_strategy("fedavg").aggregate(global_params, updates)
+    torch.testing.assert_close(plain["linear_1.weight"], torch.tensor([[-3.0, 2.0 / 3]]))
+
+
+def test_every_strategy_accepts_a_norm_bound() -> None:
+    for name in available_strategies():
+        default = math.inf if not name.startswith("fedcmp") else 1.5  # on by default for Fed-CMP
+        assert hyper_parameters(name)["norm_bound"] == default
+        assert build_strategy(name).norm_bound == default
+        assert build_strategy(name, {"norm_bound": 3.0}).norm_bound == 3.0
+        for bad in (0.0, -1.0, math.nan):
+            with pytest.raises(ValueError, match=f"strategy '{name}': hyper-parameter norm_bound=.* must be > 0"):
+                build_strategy(name, {"norm_bound": bad})
 
 
 # --- FedAvgM and FedOpt: two rounds by hand ----------------------------------------------
@@ -186,7 +255,7 @@ def test_fedadagrad_with_momentum() -> None:
     assert w2 == pytest.approx(expected_w2, abs=1e-6)
 
 
-# --- Fed-CMP properties (ALGORITHM.md) ------------------------------------------------------
+# --- Fed-CMP properties (docs/algorithm.md) -------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -211,6 +280,123 @@ def test_fedcmp_no_reliability_uses_sample_weights() -> None:
     assert max_abs_diff(ablation.aggregate(global_params, updates), expected) < 1e-6
 
 
+REFERENCE = {"alpha": 0.5, "tau": 0.9, "temperature": 0.2, "kappa": 1.0, "gamma": 1.0, "rho": 0.3, "lam": 0.5,
+             "beta": 0.5, "eta_s": 0.8, "norm_bound": 1.5}
+
+
+def reference_fedcmp_round(global_params: Params, updates: Sequence[ClientUpdate], hp: dict[str, float],
+                           momentum: dict[str, torch.Tensor]) -> Params:
+    """One Fed-CMP round from docs/algorithm.md's formulas, written plainly (float64, loops, n x n matrices).
+
+    Exact path only (Q = I); `momentum` maps a layer's weight key to M_{t-1} and is updated in place.
+    """
+    def matrix(params: Params, prefix: str) -> torch.Tensor:
+        return torch.cat([params[f"{prefix}.weight"], params[f"{prefix}.bias"][:, None]], dim=1).double()
+
+    prefixes = sorted({key.rsplit(".", 1)[0] for key in global_params})
+    deltas = [{pre: matrix(u.params, pre) - matrix(global_params, pre) for pre in prefixes} for u in updates]
+    norms = [math.sqrt(sum(float(d.square().sum()) for d in delta.values())) for delta in deltas]
+    limit = hp["norm_bound"] * statistics.median(norm for norm, u in zip(norms, updates) if u.num_samples > 0)
+    clipped = [{pre: d * min(1.0, limit / norm) for pre, d in delta.items()} for delta, norm in zip(deltas, norms)]
+    counts = torch.tensor([float(u.num_samples) ** hp["alpha"] for u in updates], dtype=torch.float64)
+    p = counts / counts.sum()
+    result: Params = {}
+    for pre in prefixes:
+        d = [delta[pre] for delta in clipped]  # D_k [m, n]
+        gram = sum(p[k] * d[k] @ d[k].T for k in range(len(d)))
+        values, vectors = torch.linalg.eigh(gram)
+        values, vectors = values.flip(0), vectors.flip(1)
+        energy = torch.cumsum(values, 0)
+        rank = int(torch.nonzero(energy >= hp["tau"] * float(torch.trace(gram)))[0]) + 1
+        u = vectors[:, :rank]  # U_t [m, r]
+        c = [u.T @ dk for dk in d]  # C_k [r, n]
+        fidelity = [float(ck.square().sum() / dk.square().sum()) for ck, dk in zip(c, d)]
+        fused = torch.zeros(rank, d[0].shape[1], dtype=torch.float64)
+        for i in range(rank):
+            units = [ck[i] / ck[i].norm() for ck in c]
+            consensus = sum(p[k] * units[k] for k in range(len(c)))
+            agree = [float(unit @ consensus / consensus.norm()) for unit in units]
+            median = statistics.median_low(agree)
+            sigma = 1.4826 * statistics.median_low([abs(a - median) for a in agree])
+            excess = [max(0.0, -a - hp["kappa"] * sigma) for a in agree]
+            w = torch.tensor([p[k] * fidelity[k] ** hp["gamma"] * math.exp(-excess[k] / hp["temperature"])
+                              for k in range(len(c))], dtype=torch.float64)
+            w = w / w.sum()
+            h = sum(w[k] * torch.outer(units[k], units[k]) for k in range(len(c)))  # H_i [n, n]
+            target = sum(w[k] * c[k][i] for k in range(len(c)))
+            fused[i] = (1 + hp["rho"]) * torch.linalg.solve(h + hp["rho"] * torch.eye(len(target), dtype=torch.float64),
+                                                            target)
+        mean_c = sum(p[k] * c[k] for k in range(len(c)))
+        mean_d = sum(p[k] * d[k] for k in range(len(d)))
+        step = u @ (fused - hp["lam"] * mean_c) + hp["lam"] * mean_d  # Dhat_t
+        if pre in momentum:
+            step = step + hp["beta"] * u @ (u.T @ momentum[pre])
+        momentum[pre] = step
+        new = matrix(global_params, pre) + hp["eta_s"] * step
+        result[f"{pre}.weight"], result[f"{pre}.bias"] = new[:, :-1].float(), new[:, -1].float()
+    return result
+
+
+def test_fedcmp_matches_the_documented_formulas() -> None:
+    """Every term of docs/algorithm.md counts: dropping one (fidelity, vote, ridge, residual, momentum,
+    norm bound, the top-r basis) makes this fail."""
+    gen = torch.Generator().manual_seed(21)
+    global_params = random_params(MLP, gen)
+    strategy, momentum = build_strategy("fedcmp", REFERENCE), {}
+    for _ in range(2):  # the second round carries momentum
+        deltas = random_deltas(MLP, 6, gen)
+        deltas[4] = {key: -3.0 * value for key, value in deltas[0].items()}  # opposing: the vote fires
+        deltas[5] = {key: 4.0 * value for key, value in deltas[5].items()}  # long: the norm bound clips it
+        updates = make_updates(global_params, deltas, [5, 10, 20, 40, 10, 10])
+        expected = reference_fedcmp_round(global_params, updates, REFERENCE, momentum)
+        global_params = strategy.aggregate(global_params, updates)
+        assert max_abs_diff(global_params, expected) < 1e-4
+
+
+def test_significant_disagreement_flags_only_moves_against_the_consensus() -> None:
+    agreement = torch.tensor([[0.5], [0.0], [-0.1], [-1.0]])  # a [K, r]: agreeing, orthogonal, slightly against, opposed
+    moved = torch.ones(4, 1, dtype=torch.bool)
+    # lower median -0.1; |a + 0.1| = 0.6, 0.1, 0, 0.9 -> lower median 0.1, sigma = 0.14826
+    excess = significant_disagreement(agreement, moved, kappa=2.0)
+    torch.testing.assert_close(excess, torch.tensor([[0.0], [0.0], [0.0], [1.0 - 2 * 0.14826]]))
+    torch.testing.assert_close(significant_disagreement(agreement, moved, kappa=0.0),
+                               torch.tensor([[0.0], [0.0], [0.1], [1.0]]))
+    assert torch.equal(significant_disagreement(agreement, moved, kappa=20.0), torch.zeros(4, 1))
+    still = torch.tensor([[True], [True], [True], [False]])  # a row that did not move is never flagged
+    assert torch.equal(significant_disagreement(agreement, still, kappa=2.0), torch.zeros(4, 1))
+
+
+def test_fedcmp_vote_costs_nothing_when_no_client_disagrees_significantly() -> None:
+    global_params, updates = random_round(MLP, 5, seed=22)
+    ablation = build_strategy("fedcmp-no-reliability").aggregate(global_params, updates)
+    calm = build_strategy("fedcmp", {"kappa": 1e6}).aggregate(global_params, updates)  # no row beyond kappa sigma
+    assert max_abs_diff(calm, ablation) == 0.0
+    outlier = make_updates(global_params, [{k: -3.0 * (u.params[k] - global_params[k]) for k in MLP}
+                                           for u in updates[:1]], [10])
+    attacked = [*updates, dataclasses.replace(outlier[0], client_id="mallory")]
+    assert max_abs_diff(build_strategy("fedcmp").aggregate(global_params, attacked),
+                        build_strategy("fedcmp-no-reliability").aggregate(global_params, attacked)) > 1e-3
+
+
+@pytest.mark.parametrize(("shapes", "extra"), [(MLP, {}), (MLP, {"norm_bound": math.inf}), (TALL, SKETCH)],
+                         ids=["exact", "unbounded", "sketch"])
+def test_fedcmp_is_finite_for_any_finite_update(shapes: dict, extra: dict) -> None:
+    global_params, updates = random_round(shapes, 5, seed=23)
+    huge = {key: torch.full_like(value, 1e19) for key, value in global_params.items()}
+    at_the_limit = {key: torch.full_like(value, 3e38) for key, value in global_params.items()}  # W^k - W overflows
+    for params in (huge, at_the_limit):
+        negative = {key: -1e31 * torch.ones_like(value) for key, value in global_params.items()}
+        for base in (global_params, negative):
+            attacked = [*make_updates(base, [{k: u.params[k] - global_params[k] for k in shapes} for u in updates],
+                                      [u.num_samples for u in updates]),
+                        ClientUpdate("mallory", 10, params, {"steps": STEPS})]
+            result = build_strategy("fedcmp", extra).aggregate(base, attacked)
+            assert all(torch.isfinite(tensor).all() for tensor in result.values())
+    poisoned = ClientUpdate("mallory", 10, dict(global_params, **{"linear_1.bias": torch.full(shapes["linear_1.bias"], math.nan)}), {})
+    with pytest.raises(ValueError, match="client 'mallory' holds non-finite values"):
+        build_strategy("fedcmp", extra).aggregate(global_params, [*updates, poisoned])
+
+
 @pytest.mark.parametrize(("shapes", "extra"), [(MLP, {}), (TALL, SKETCH)], ids=["exact", "sketch"])
 def test_fedcmp_alpha_zero_counts_every_client_alike(shapes: dict, extra: dict) -> None:
     # alpha = 0: p_k = 1/K whatever the sample counts, i.e. alpha = 1 on equal counts; the step
@@ -219,12 +405,12 @@ def test_fedcmp_alpha_zero_counts_every_client_alike(shapes: dict, extra: dict) 
     assert len({u.num_samples for u in updates}) > 1
     equal_counts = [dataclasses.replace(u, num_samples=7) for u in updates]
     uniform = build_strategy("fedcmp", {"alpha": 0.0} | extra).aggregate(global_params, updates)
-    assert max_abs_diff(uniform, build_strategy("fedcmp", {"alpha": 1.0} | extra).aggregate(global_params, equal_counts)) < 1e-6
+    assert max_abs_diff(uniform, build_strategy("fedcmp", {"alpha": 1.0} | extra).aggregate(global_params, equal_counts)) < 1e-5
     assert max_abs_diff(uniform, build_strategy("fedcmp", {"alpha": 1.0} | extra).aggregate(global_params, updates)) > 1e-3
     # A client that trained on nothing weighs nothing, at alpha = 0 too.
     idle = ClientUpdate("client-9", 0, {key: 2.0 * value for key, value in updates[0].params.items()}, {})
     with_idle = build_strategy("fedcmp", {"alpha": 0.0} | extra).aggregate(global_params, [*updates, idle])
-    assert max_abs_diff(with_idle, uniform) < 1e-6
+    assert max_abs_diff(with_idle, uniform) < 1e-5
 
 
 @pytest.mark.parametrize(("shapes", "extra"), [(MLP, {}), (TALL, SKETCH)], ids=["exact", "sketch"])
@@ -310,8 +496,10 @@ def test_overlap_fusion_keeps_a_shared_move_and_adds_orthogonal_ones(rho: float)
     orthogonal = rows([2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, -1.0])
     expected = sum((1 + rho) * w / (w + rho) * c for w, c in zip(weights[:, 0], orthogonal))  # -> sum as rho -> 0
     assert torch.allclose(overlap_fusion(Rows.of(orthogonal), weights, rho), expected, atol=1e-6)
-    for k in range(3):  # no client's own direction moves further than the client moved it
-        assert float(expected[0] @ orthogonal[k, 0]) <= float(orthogonal[k, 0].norm()) ** 2 + 1e-6
+    fused = overlap_fusion(Rows.of(orthogonal), weights, rho)[0]
+    for k in range(3):  # along its own direction, no client is moved further than it moved itself
+        own = orthogonal[k, 0] / orthogonal[k, 0].norm()
+        assert 0.0 < float(fused @ own) <= float(orthogonal[k, 0].norm()) + 1e-6
 
 
 def test_overlap_fusion_cancels_opposing_moves_and_ignores_zero_rows() -> None:
@@ -326,47 +514,6 @@ def test_overlap_fusion_cancels_opposing_moves_and_ignores_zero_rows() -> None:
     with_zero = torch.cat([coef, torch.zeros(1, 3, 5)])  # a client that did not move along any direction
     padded = torch.cat([weights * 0.75, torch.full((1, 3), 0.25)])
     assert torch.isfinite(overlap_fusion(Rows.of(with_zero), padded, 0.1)).all()
-
-
-@pytest.mark.parametrize(
-    ("name", "params", "claimed", "low", "high"),
-    [
-        ("fedcmp", {}, 10, 0.0, 0.4),
-        ("fedcmp", {"temperature": 0.25}, 10, 0.0, 0.25),
-        ("fedcmp", {"rho": 0.1}, 10, 0.0, 0.5),
-        ("fedcmp-mean-fusion", {}, 10, 0.0, 0.3),
-        ("fedcmp", {}, 100, 0.0, 0.1),
-        ("fedcmp-sample-weights", {}, 100, 1.0, math.inf),
-    ],
-    ids=["defaults", "sharp-vote", "rho-0.1", "mean-fusion", "inflated-count", "inflated-count-sample-weights"],
-)
-def test_fedcmp_resists_an_opposing_client(name: str, params: dict, claimed: int, low: float, high: float) -> None:
-    """A client sending -10x the honest mean update moves Fed-CMP far less than FedAvg.
-
-    Seven honest clients report 10 samples each; the attacker reports `claimed`. The shift ratio
-    (how far the attacker moves the result, over how far it moves FedAvg's) is printed: it is
-    the robustness table of docs/algorithm.md (`pytest tests/server/test_strategies.py -k
-    opposing -s`). The overlap-aware fusion honours each client's own move, the attacker's too,
-    so the vote (T) is what holds it back. With sample-share weights (alpha = 1) an attacker that
-    inflates its count moves Fed-CMP further than FedAvg; with alpha = 0 the count buys nothing.
-    """
-    shapes = {"linear_1.weight": (16, 12), "linear_1.bias": (16,)}
-    gen = torch.Generator().manual_seed(7)
-    global_params = random_params(shapes, gen)
-    honest = random_deltas(shapes, 7, gen)
-    attack = {key: -10.0 * torch.stack([d[key] for d in honest]).mean(0) for key in shapes}
-    clean = make_updates(global_params, honest, [10] * 7)
-    attacked = clean + [ClientUpdate("mallory", claimed, {k: global_params[k] + attack[k] for k in shapes}, {})]
-
-    def shift(name: str, params: dict) -> float:
-        with_attacker = build_strategy(name, params).aggregate(global_params, attacked)
-        without = build_strategy(name, params).aggregate(global_params, clean)
-        return float((flat(with_attacker) - flat(without)).norm())
-
-    same_step = {"eta_s": 1.0} | params  # compare aggregation, not the server step size
-    ratio = shift(name, same_step) / shift("fedavg", {})
-    print(f"\nshift ratio {name} {params} attacker claims {claimed} samples: {ratio:.2f}")
-    assert low < ratio < high, ratio
 
 
 def test_fedcmp_single_client_and_zero_updates() -> None:
@@ -395,8 +542,9 @@ def test_fedcmp_handles_linear_projector_and_lone_tensors() -> None:
 
 # --- every strategy: durability, contract, streaming ----------------------------------------
 
-CASES = [(name, {}, MLP) for name in available_strategies()] + [("fedcmp", SKETCH, TALL)]
-CASE_IDS = [name for name in available_strategies()] + ["fedcmp-sketch"]
+CASES = [(name, {}, MLP) for name in available_strategies()] + [
+    ("fedcmp", SKETCH, TALL), ("fedavg", {"norm_bound": 1.0}, MLP), ("fedcmp", {"norm_bound": math.inf}, MLP)]
+CASE_IDS = [*available_strategies(), "fedcmp-sketch", "fedavg-norm-bound", "fedcmp-unbounded"]
 
 
 def run_rounds(strategy: Strategy, global_params: Params, rounds: list[tuple[list[Params], list[int]]]) -> list[Params]:
@@ -463,7 +611,8 @@ class LazyUpdates(Sequence[ClientUpdate]):
     """Materialises an update (fresh tensors) on each access and tracks how many are alive."""
 
     def __init__(self, updates: list[ClientUpdate]) -> None:
-        self._stored = [(u.client_id, u.num_samples, {k: v.clone() for k, v in u.params.items()}) for u in updates]
+        self._stored = [(u.client_id, u.num_samples, {k: v.clone() for k, v in u.params.items()}, u.metrics)
+                        for u in updates]
         self.alive: dict[int, int] = {}  # access id -> live tensors
         self.max_alive = 0
         self.loads = 0
@@ -474,7 +623,7 @@ class LazyUpdates(Sequence[ClientUpdate]):
     def __getitem__(self, index):  # type: ignore[override]
         if isinstance(index, slice):
             raise TypeError("strategies index one update at a time")
-        client_id, n, params = self._stored[index]
+        client_id, n, params, metrics = self._stored[index]
         self.loads += 1
         access = self.loads
         fresh = {k: v.clone() for k, v in params.items()}
@@ -482,7 +631,7 @@ class LazyUpdates(Sequence[ClientUpdate]):
         for tensor in fresh.values():
             weakref.finalize(tensor, self._release, access)
         self.max_alive = max(self.max_alive, len(self.alive))
-        return ClientUpdate(client_id, n, fresh, {})
+        return ClientUpdate(client_id, n, fresh, dict(metrics))
 
     def _release(self, access: int) -> None:
         self.alive[access] -= 1
@@ -494,19 +643,21 @@ class LazyUpdates(Sequence[ClientUpdate]):
 def test_streams_over_a_lazy_sequence(name: str, params: dict, shapes: dict) -> None:
     global_params, updates = random_round(shapes, 5, seed=12)  # client-0 .. client-4: sorted
     expected = build_strategy(name, params).aggregate(global_params, updates)
-    passes = 2 if params == SKETCH else 1  # the sketch path reads every client twice
+    passes = 2 if params == SKETCH else 1  # accumulation passes: the sketch path reads every client twice
+    # A norm bound (Fed-CMP always, for its scaled accumulation) needs a survey pass of the norms first.
+    surveyed = name.startswith("fedcmp") or math.isfinite(params.get("norm_bound", math.inf))
 
     lazy = LazyUpdates(updates)
     result = build_strategy(name, params).aggregate(global_params, lazy)
     assert all(torch.equal(result[k], expected[k]) for k in expected)
     assert lazy.max_alive == 1
-    assert lazy.loads == passes * len(updates)
+    assert lazy.loads == (passes + surveyed) * len(updates)
 
-    shuffled = LazyUpdates(updates[::-1])  # not sorted: a metadata pass first, same result
+    shuffled = LazyUpdates(updates[::-1])  # not sorted: a metadata pass first (the survey is one), same result
     result = build_strategy(name, params).aggregate(global_params, shuffled)
     assert all(torch.equal(result[k], expected[k]) for k in expected)
     assert shuffled.max_alive == 1
-    assert shuffled.loads == 2 + (passes + 1) * len(updates)
+    assert shuffled.loads == (passes + 1) * len(updates) + (0 if surveyed else 2)
 
 
 # --- validation and registry -----------------------------------------------------------------
@@ -531,7 +682,7 @@ def test_rejects_inconsistent_rounds() -> None:
 
 
 def test_registry_lists_every_strategy() -> None:
-    baselines = ["fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad"]
+    baselines = ["fedavg", "fedavg-equal", "fedprox", "fedavgm", "fednova", "fedadam", "fedyogi", "fedadagrad"]
     ablations = ["fedcmp-no-reliability", "fedcmp-no-momentum", "fedcmp-mean-fusion", "fedcmp-sample-weights"]
     assert available_strategies() == sorted(baselines + ["fedcmp"] + ablations)
 
@@ -568,7 +719,7 @@ def test_unknown_and_invalid_hyper_parameters_are_rejected() -> None:
         build_strategy("fedcmp-sample-weights", {"alpha": 0.0})
     with pytest.raises(ValueError, match="beta"):  # the ablation fixes beta = 0
         build_strategy("fedcmp-no-momentum", {"beta": 0.5})
-    with pytest.raises(ValueError, match="none"):
+    with pytest.raises(ValueError, match=r"accepted: \['norm_bound'\]"):  # the one key every strategy has
         build_strategy("fedavg", {"mu": 0.01})
 
 

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedcmp.common.recipe import Recipe
 from fedcmp.sim.cli import main as sim_main
@@ -31,6 +32,17 @@ def test_federated_run_reports_every_round_and_improves_test_nll(small_federatio
     assert {"test_nll", "test_retrieval", "val_nll"} <= result.final.keys()
     assert all(0.0 <= row["test_retrieval"] <= 1.0 for row in result.rounds)  # scored after every round
     assert 0.0 <= result.final["test_retrieval"] <= 1.0
+
+
+def test_retrieval_is_reported_unavailable_on_few_distinct_captions(small_federation) -> None:
+    _, federation = small_federation
+    few = concat_splits([federation.test.take(torch.arange(6))] * 5)  # 30 test images, 6 distinct captions
+    result = Simulator(Federation(federation.model, federation.sessions, few), Recipe(rounds=1, local_steps=1)).run()
+    assert "test_nll" in result.final and "test_retrieval" not in result.final
+    assert "test_retrieval" not in result.rounds[0]
+    assert result.unavailable == {"test_retrieval": "retrieval picks the true caption among 10 distinct ones; the "
+                                                     "30 scored test images carry 6 distinct captions"}
+    assert Simulator(federation, Recipe(rounds=1, local_steps=1)).run().unavailable == {}
 
 
 def test_validation_scores_pool_tokens_and_balance_clients(small_federation) -> None:
