@@ -30,6 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--vision-model", help="local path or hub id standing in for the recipe's vision tower")
     parser.add_argument("--llm", help="local path or hub id standing in for the recipe's LLM")
     parser.add_argument("--batch-size", type=int, help="override the recipe's batch size on this client")
+    parser.add_argument("--micro-batch-size", type=int,
+                        help="examples per forward pass on this client (gradients accumulate up to the recipe's "
+                             "batch size; the update does not change, only the memory it takes)")
     parser.add_argument("--cache-dir", type=Path, help="model zoo and feature cache (default $FEDCMP_CACHE or "
                                                        "~/.cache/fedcmp)")
     parser.add_argument("--tls-ca", type=Path, help="CA that signed the coordinator's certificate (enables TLS)")
@@ -71,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     daemon = ClientDaemon(link, client_id)
     try:
         recipe = daemon.fetch_recipe()
-        local = {"vision_model": args.vision_model, "llm": args.llm, "batch_size": args.batch_size}
+        local = {"vision_model": args.vision_model, "llm": args.llm, "batch_size": args.batch_size,
+                 "micro_batch_size": args.micro_batch_size}
         recipe = recipe.model_copy(update={key: value for key, value in local.items() if value is not None})
         session = LocalSession.open(args.data, recipe, client_id, device=args.device, cache_dir=args.cache_dir,
                                     image_folder=args.image_folder, show_progress=not args.no_progress)

@@ -13,10 +13,11 @@ optimizer is fresh each round, so a round depends only on the global projector i
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -24,8 +25,9 @@ from tqdm.auto import tqdm
 
 from fedcmp.client.data import CaptionExample, load_llava_json, split_train_val
 from fedcmp.client.evaluation import caption_nll
-from fedcmp.client.features import EncodedSplit, TensorFeatures
+from fedcmp.client.features import CaptionBatch, EncodedSplit, TensorFeatures
 from fedcmp.client.model import ProjectorMLLM
+from fedcmp.client.schedule import round_learning_rates
 from fedcmp.common.recipe import Recipe
 
 
@@ -124,49 +126,67 @@ class LocalSession:
             return {"val_loss": math.nan, "val_tokens": 0.0}
         self.model.load_projector_params(params)
         val = self.val
-        val_loss = caption_nll(self.model, val.features, val.caption_ids, val.caption_mask, self.recipe.batch_size)
+        val_loss = caption_nll(self.model, val.features, val.caption_ids, val.caption_mask,
+                               self.recipe.forward_batch_size)
         return {"val_loss": val_loss, "val_tokens": float(val.caption_mask.sum().item())}
 
     def train_round(
         self, global_params: dict[str, Tensor], round_index: int, local_steps: int
     ) -> tuple[dict[str, Tensor], dict[str, float]]:
-        """`local_steps` optimizer steps from `global_params`; returns the local projector and metrics."""
+        """`local_steps` optimizer steps from `global_params`; returns the local projector and metrics.
+
+        Each step takes `batch_size` examples, forwarded `micro_batch_size` at a time with the
+        gradients accumulated in between; the loss is the mean NLL per supervised token of the
+        whole step's batch, so accumulation gives the update of one big batch. The rate of each
+        step follows the run-wide schedule (`fedcmp.client.schedule`).
+        """
         if local_steps < 1:
             raise ValueError(f"local_steps must be at least 1, got {local_steps}")
         recipe, model = self.recipe, self.model
         model.load_projector_params(global_params)
         projector = model.projector
         anchor = {name: param.detach().clone() for name, param in projector.named_parameters()}  # w_global, for FedProx
-        if recipe.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(projector.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
-        else:
-            optimizer = torch.optim.SGD(projector.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+        optimizer_class = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.SGD
+        optimizer = optimizer_class(projector.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+        rates = round_learning_rates(recipe, round_index, local_steps)
 
         schedule = batch_schedule(
             recipe.seed, self.client_id, round_index, local_steps, recipe.batch_size, self.num_train_samples
         )  # [local_steps, B]
+        step_rows = [batch.split(recipe.forward_batch_size) for batch in schedule]  # per step: [m] rows each
+        micro_batches = self.train.batches([rows for rows_of_step in step_rows for rows in rows_of_step])
         losses: list[float] = []
         disable = None if self.show_progress else True  # None: tqdm shows the bar only on a terminal
-        batches = self.train.batches(list(schedule))
-        progress = tqdm(batches, total=local_steps, desc=f"round {round_index}", unit="step", leave=False,
-                        disable=disable)
-        for batch in progress:
-            nll, tokens = model.caption_nll(batch.features, batch.caption_ids, batch.caption_mask)  # [B], [B]
-            loss = nll.sum() / tokens.sum()  # mean NLL per supervised token, as LLaVA's loss
-            objective = loss
+        progress = tqdm(zip(schedule, step_rows, rates), total=local_steps, desc=f"round {round_index}",
+                        unit="step", leave=False, disable=disable)
+        for batch, rows_of_step, rate in progress:
+            for group in optimizer.param_groups:
+                group["lr"] = rate
+            total_tokens = self.train.caption_mask[batch].sum()  # supervised tokens of the whole step
+            losses.append(self._accumulate_gradients(itertools.islice(micro_batches, len(rows_of_step)), total_tokens))
             if recipe.proximal_mu > 0:
                 distance = sum(((param - anchor[name]) ** 2).sum() for name, param in projector.named_parameters())
-                objective = loss + recipe.proximal_mu / 2 * distance
-            objective.backward()
+                (recipe.proximal_mu / 2 * distance).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-            progress.set_postfix(loss=f"{losses[-1]:.4f}")
+            progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{rate:.2e}")
 
         metrics = {
             "train_loss": math.fsum(losses) / len(losses),
             "train_loss_last": losses[-1],
+            "lr_last": rates[-1],
             "steps": float(local_steps),
             "samples": float(local_steps * recipe.batch_size),
         }
         return model.projector_params(), metrics
+
+    def _accumulate_gradients(self, micro_batches: Iterable[CaptionBatch], total_tokens: Tensor) -> float:
+        """Backward the mean token NLL of a step's batch, one micro-batch at a time; returns that loss."""
+        nll_sum = torch.zeros(())
+        for micro_batch in micro_batches:
+            nll, _ = self.model.caption_nll(
+                micro_batch.features, micro_batch.caption_ids, micro_batch.caption_mask
+            )  # [m]
+            (nll.sum() / total_tokens).backward()
+            nll_sum += nll.detach().sum().cpu()
+        return (nll_sum / total_tokens).item()

@@ -53,9 +53,12 @@ class Recipe(BaseModel):
     local_steps: int | None = Field(default=None, ge=1)  # None: derived from `epochs` (one pass overall)
     epochs: float = Field(default=1.0, gt=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(default=2e-3, gt=0)
+    lr: float = Field(default=2e-3, gt=0)  # peak rate
+    lr_schedule: Literal["constant", "cosine"] = "cosine"  # over the whole run (LLaVA: cosine)
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)  # of the run's steps (LLaVA: 0.03)
     weight_decay: float = Field(default=0.0, ge=0)
-    batch_size: int = Field(default=16, ge=1)
+    batch_size: int = Field(default=16, ge=1)  # effective: examples per optimizer step
+    micro_batch_size: int | None = Field(default=None, ge=1)  # examples per forward; None: batch_size
     proximal_mu: float = Field(default=0.0, ge=0)  # FedProx's mu/2 ||w - w_t||^2 on the client
     val_fraction: float = Field(default=0.1, ge=0, lt=1)  # carved from each client's data, never trained on
     seed: int = 0
@@ -66,6 +69,11 @@ class Recipe(BaseModel):
         if value not in PROJECTOR_TYPES:
             raise ValueError(f"unknown projector type {value!r}; known: {', '.join(PROJECTOR_TYPES)}")
         return value
+
+    @property
+    def forward_batch_size(self) -> int:
+        """Examples per forward pass: `micro_batch_size`, never more than `batch_size`."""
+        return min(self.batch_size, self.micro_batch_size or self.batch_size)
 
     def local_steps_for(self, num_train_samples: int) -> int:
         """Optimizer steps per round for a client holding `num_train_samples` examples.
