@@ -12,8 +12,11 @@ Training never re-runs the vision tower: `encode_images` computes the frozen fea
 as input embeddings, after BOS and before the caption, as LLaVA's `plain` pretraining template
 (`fedcmp.client.template`) lays them out.
 
-On CUDA the frozen backbones are held in bfloat16 and forwards run under bf16 autocast; the
-projector's (master) weights stay float32. On CPU everything is float32.
+Precision (`fedcmp.client.precision`): under bf16/fp16 the frozen backbones are held in that
+dtype, loaded straight onto their device, and forwards run under autocast; the projector's
+(master) weights stay float32. `gradient_checkpointing` recomputes the frozen LM's layer
+activations in the backward instead of storing them (gradients still flow through the LM to the
+projector, so a 7B LM's activations would otherwise dominate memory).
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ from transformers import (
 )
 
 from fedcmp.client.data import IMAGE_TOKEN, DataError
+from fedcmp.client.precision import DTYPES, autocast, enable_tf32, resolve_precision
 from fedcmp.client.template import PlainTemplate
 from fedcmp.common.projector import build_projector, describe_shapes, init_projector_params, projector_shapes
 from fedcmp.common.recipe import Recipe
@@ -61,6 +65,7 @@ class ProjectorMLLM:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.device = torch.device(device)
+        self.precision = resolve_precision(recipe.precision, self.device)
         self.projector_type = recipe.projector_type
         self.template = PlainTemplate(tokenizer, recipe.max_caption_tokens)
 
@@ -76,13 +81,16 @@ class ProjectorMLLM:
     ) -> ProjectorMLLM:
         """Load both backbones, compose the Llava model around a seeded projector, freeze the rest."""
         torch_device = torch.device(device)
-        dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
+        dtype = DTYPES[resolve_precision(recipe.precision, torch_device)]
+        enable_tf32(torch_device)
         vision_path = _resolve(vision, "vision", cache_dir)
         llm_path = _resolve(llm, "llm", cache_dir)
 
-        vision_tower = _load_vision_tower(vision_path, dtype, cache_dir)
+        vision_tower = _load_vision_tower(vision_path, dtype, torch_device, cache_dir)
         image_processor = AutoImageProcessor.from_pretrained(vision_path, cache_dir=cache_dir)
-        causal_lm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, cache_dir=cache_dir)
+        causal_lm = AutoModelForCausalLM.from_pretrained(
+            llm_path, dtype=dtype, device_map=torch_device, cache_dir=cache_dir
+        )  # straight onto the device: no full CPU copy first
         tokenizer = AutoTokenizer.from_pretrained(llm_path, cache_dir=cache_dir)
         image_token_id = _ensure_image_token(tokenizer, causal_lm)
 
@@ -113,6 +121,8 @@ class ProjectorMLLM:
         llava.requires_grad_(False)
         projector.requires_grad_(True)
         llava.eval()  # always: no dropout anywhere, so training is deterministic
+        if recipe.gradient_checkpointing:
+            _checkpoint_layers(llava.model.language_model)
         return cls(llava, tokenizer, image_processor, recipe, device)
 
     @property
@@ -169,8 +179,12 @@ class ProjectorMLLM:
         """Supervised caption ids [N, L] (caption + "\\n", right-padded) and their mask [N, L]."""
         return self.template.encode(captions)
 
-    def caption_nll(self, features: Tensor, caption_ids: Tensor, caption_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def caption_nll(
+        self, features: Tensor, caption_ids: Tensor, caption_mask: Tensor, projector: nn.Module | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Per-example summed caption NLL [B] (float32) and supervised token counts [B].
+
+        `projector`: the module to run the projector through (e.g. its DDP wrapper); default the projector.
 
         LLaVA `plain` template: the sequence is [BOS] + <image> + caption + "\\n", where <image>
         stands for the P projected features placed as input embeddings right after BOS (if the
@@ -188,7 +202,7 @@ class ProjectorMLLM:
         embed = self.llava.get_input_embeddings()
         with self._autocast():
             text_embeds = embed(torch.cat([prefix_ids, caption_ids], dim=1))  # [B, b + L, text_hidden]
-            image_embeds = self.projector(features).to(text_embeds.dtype)  # [B, P, text_hidden]
+            image_embeds = (projector or self.projector)(features).to(text_embeds.dtype)  # [B, P, text]
             prefix_embeds, caption_embeds = text_embeds.split([prefix_ids.shape[1], length], dim=1)
             inputs_embeds = torch.cat([prefix_embeds, image_embeds, caption_embeds], dim=1)  # [B, head + L, text_hidden]
             attention_mask = torch.cat([caption_mask.new_ones(batch, head), caption_mask], dim=1)  # [B, head + L]
@@ -204,9 +218,7 @@ class ProjectorMLLM:
         return token_nll.sum(dim=1), caption_mask.sum(dim=1)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.precision, self.device)
 
 
 def _resolve(name_or_path: str, kind: str, cache_dir: Path | None) -> str:
@@ -232,12 +244,29 @@ def _open_rgb(path: Path) -> Image.Image:
         raise DataError(f"{path}: cannot read image: {error}") from error
 
 
-def _load_vision_tower(path: str, dtype: torch.dtype, cache_dir: Path | None) -> PreTrainedModel:
+def _load_vision_tower(
+    path: str, dtype: torch.dtype, device: torch.device, cache_dir: Path | None
+) -> PreTrainedModel:
     """The vision encoder alone; from a dual-encoder checkpoint (e.g. a full CLIP) keep its vision half."""
     config = AutoConfig.from_pretrained(path, cache_dir=cache_dir)
     vision_config = config.vision_config if hasattr(config, "vision_config") else config
     model_class = MODEL_MAPPING[type(vision_config)]  # CLIPVisionConfig -> CLIPVisionModel, as Llava itself maps it
-    return model_class.from_pretrained(path, dtype=dtype, cache_dir=cache_dir)
+    return model_class.from_pretrained(path, dtype=dtype, device_map=device, cache_dir=cache_dir)
+
+
+def _checkpoint_layers(language_model: PreTrainedModel) -> None:
+    """Recompute the LM's decoder layers in the backward instead of keeping their activations.
+
+    transformers checkpoints a layer only while that layer is in training mode; the flag is set
+    on the layers alone, so their submodules stay in eval mode (no dropout: still deterministic).
+    """
+    if hasattr(language_model, "activation_checkpointing_enable"):  # its name from transformers 5.x on
+        language_model.activation_checkpointing_enable()  # non-reentrant by default
+    else:
+        language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in language_model.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            module.training = True
 
 
 def _ensure_image_token(tokenizer: PreTrainedTokenizerBase, causal_lm: PreTrainedModel) -> int:

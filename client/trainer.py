@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -24,9 +24,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from fedcmp.client.data import CaptionExample, load_llava_json, split_train_val
+from fedcmp.client.distributed import Replicas
 from fedcmp.client.evaluation import caption_nll
 from fedcmp.client.features import CaptionBatch, EncodedSplit, TensorFeatures
 from fedcmp.client.model import ProjectorMLLM
+from fedcmp.client.precision import grad_scaler
 from fedcmp.client.schedule import round_learning_rates
 from fedcmp.common.recipe import Recipe
 
@@ -72,6 +74,7 @@ class LocalSession:
     train: EncodedSplit
     val: EncodedSplit
     show_progress: bool = False
+    replicas: Replicas = field(default_factory=Replicas)  # the ranks sharing each step (one process by default)
 
     @classmethod
     def open(
@@ -148,12 +151,14 @@ class LocalSession:
         anchor = {name: param.detach().clone() for name, param in projector.named_parameters()}  # w_global, for FedProx
         optimizer_class = torch.optim.AdamW if recipe.optimizer == "adamw" else torch.optim.SGD
         optimizer = optimizer_class(projector.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+        scaler = grad_scaler(model.precision, model.device)  # fp16 only; a pass-through otherwise
         rates = round_learning_rates(recipe, round_index, local_steps)
 
         schedule = batch_schedule(
             recipe.seed, self.client_id, round_index, local_steps, recipe.batch_size, self.num_train_samples
         )  # [local_steps, B]
-        step_rows = [batch.split(recipe.forward_batch_size) for batch in schedule]  # per step: [m] rows each
+        # per step: this rank's share of the batch (all of it for one process), in micro-batches of [m] rows
+        step_rows = [self.replicas.share(batch).split(recipe.forward_batch_size) for batch in schedule]
         micro_batches = self.train.batches([rows for rows_of_step in step_rows for rows in rows_of_step])
         losses: list[float] = []
         disable = None if self.show_progress else True  # None: tqdm shows the bar only on a terminal
@@ -162,12 +167,14 @@ class LocalSession:
         for batch, rows_of_step, rate in progress:
             for group in optimizer.param_groups:
                 group["lr"] = rate
-            total_tokens = self.train.caption_mask[batch].sum()  # supervised tokens of the whole step
-            losses.append(self._accumulate_gradients(itertools.islice(micro_batches, len(rows_of_step)), total_tokens))
-            if recipe.proximal_mu > 0:
+            total_tokens = self.train.caption_mask[batch].sum()  # supervised tokens of the whole step, all ranks
+            step_batches = itertools.islice(micro_batches, len(rows_of_step))
+            losses.append(self._accumulate_gradients(step_batches, len(rows_of_step), total_tokens, scaler))
+            if recipe.proximal_mu > 0:  # after the ranks' all-reduce: every rank adds the same term
                 distance = sum(((param - anchor[name]) ** 2).sum() for name, param in projector.named_parameters())
-                (recipe.proximal_mu / 2 * distance).backward()
-            optimizer.step()
+                scaler.scale(recipe.proximal_mu / 2 * distance).backward()
+            scaler.step(optimizer)  # skipped if fp16 gradients overflowed
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             progress.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{rate:.2e}")
 
@@ -180,13 +187,23 @@ class LocalSession:
         }
         return model.projector_params(), metrics
 
-    def _accumulate_gradients(self, micro_batches: Iterable[CaptionBatch], total_tokens: Tensor) -> float:
-        """Backward the mean token NLL of a step's batch, one micro-batch at a time; returns that loss."""
-        nll_sum = torch.zeros(())
-        for micro_batch in micro_batches:
-            nll, _ = self.model.caption_nll(
-                micro_batch.features, micro_batch.caption_ids, micro_batch.caption_mask
-            )  # [m]
-            (nll.sum() / total_tokens).backward()
-            nll_sum += nll.detach().sum().cpu()
-        return (nll_sum / total_tokens).item()
+    def _accumulate_gradients(
+        self, micro_batches: Iterable[CaptionBatch], count: int, total_tokens: Tensor, scaler: torch.amp.GradScaler
+    ) -> float:
+        """Backward the mean token NLL of a step's batch, one micro-batch at a time; returns that loss.
+
+        With several ranks, `micro_batches` (`count` of them) are this rank's share of the step;
+        the loss is scaled by the number of ranks since DDP averages their gradients
+        (fedcmp.client.distributed), and the gradients are all-reduced on the last micro-batch.
+        """
+        model, replicas = self.model, self.replicas
+        projector = replicas.forward_module(model.projector)
+        nll_sum = torch.zeros((), device=model.device)
+        for index, micro_batch in enumerate(micro_batches):
+            with replicas.gradient_sync(last=index == count - 1):
+                nll, _ = model.caption_nll(
+                    micro_batch.features, micro_batch.caption_ids, micro_batch.caption_mask, projector
+                )  # [m]
+                scaler.scale(nll.sum() * replicas.world_size / total_tokens).backward()
+            nll_sum += nll.detach().sum()
+        return (replicas.sum(nll_sum) / total_tokens).item()

@@ -61,6 +61,10 @@ class Recipe(BaseModel):
     micro_batch_size: int | None = Field(default=None, ge=1)  # examples per forward; None: batch_size
     proximal_mu: float = Field(default=0.0, ge=0)  # FedProx's mu/2 ||w - w_t||^2 on the client
     val_fraction: float = Field(default=0.1, ge=0, lt=1)  # carved from each client's data, never trained on
+    # Precision and memory (fedcmp.client.precision): auto = bf16 on CUDA (fp16 where the GPU has no
+    # bf16), fp32 on CPU; LLaVA's stage 1 trains in bf16.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    gradient_checkpointing: bool = False  # recompute the frozen LM's activations in the backward
     seed: int = 0
 
     @field_validator("projector_type")
@@ -85,6 +89,12 @@ class Recipe(BaseModel):
             return self.local_steps
         total_batches = self.epochs * num_train_samples / self.batch_size
         return max(1, round(total_batches / self.rounds))
+
+    def overridden(self, overrides: dict[str, Any], source: str) -> Recipe:
+        """This recipe with the non-None `overrides` applied and validated (a RecipeError names the field)."""
+        data = self.model_dump()
+        data.update({key: value for key, value in overrides.items() if value is not None})
+        return _validated(data, source)
 
     def to_json(self) -> str:
         return self.model_dump_json()
