@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning costs 15-30x.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install proto test demo bench-system bench-quality bench-quality-quick clean
+.PHONY: install proto test demo bench-system bench-train bench-quality bench-quality-quick clean
 
 install: $(STAMP)
 
@@ -31,6 +31,9 @@ demo: install
 
 bench-system: install
 	$(PY) bench/bench_aggregation.py
+
+bench-train: install
+	$(PY) bench/bench_train_throughput.py
 
 bench-quality: install
 	$(PY) bench/bench_quality.py --out docs
