@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning costs 15-30x.
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install proto test demo bench-system bench-client bench-quality bench-quality-quick clean
+.PHONY: install proto test demo bench-system bench-client bench-train bench-quality bench-quality-quick clean
 
 install: $(STAMP)
 
@@ -34,6 +34,9 @@ bench-system: install
 
 bench-client: install
 	$(PY) bench/bench_client.py --out docs/CLIENT.md
+
+bench-train: install
+	$(PY) bench/bench_train_throughput.py
 
 bench-quality: install
 	$(PY) bench/bench_quality.py --out docs

@@ -1,7 +1,9 @@
 """`fedcmp-client`: join a coordinator with a local dataset and train until DONE (or `--check` it alone).
 
 The data is scanned and validated before the coordinator is first contacted, so bad data ends
-the client at once with exit 2.
+the client at once with exit 2. Also `python -m fedcmp.client`, and under torchrun
+(`torchrun --nproc-per-node N -m fedcmp.client ...`) one client on N processes/GPUs
+(fedcmp.client.distributed): rank 0 talks to the coordinator.
 """
 from __future__ import annotations
 
@@ -17,14 +19,16 @@ import torch
 from fedcmp.client.data import DataError, DataOptions, ScannedData, scan_data
 from fedcmp.client.sources import FORMATS, Columns
 from fedcmp.client.daemon import ClientDaemon, ConnectionSettings, CoordinatorLink, CoordinatorUnreachable, RegistrationRefused
+from fedcmp.client.distributed import Ranks, follow, leading, process_group
 from fedcmp.client.fingerprint import FingerprintError, fingerprint_backbones
 from fedcmp.client.metrics import ClientMetrics
+from fedcmp.client.precision import PRECISIONS
 from fedcmp.client.progress import TrainingProgress
 from fedcmp.common.cliflags import add_common_flags
 from fedcmp.common.constants import (EXIT_OK, EXIT_REFUSED, EXIT_STOPPED, EXIT_UNAVAILABLE, EXIT_USAGE,
                                      RECONNECT_BUDGET_S)
 from fedcmp.common.logs import setup_logging
-from fedcmp.common.recipe import RecipeError, load_recipe
+from fedcmp.common.recipe import Recipe, RecipeError, load_recipe
 from fedcmp.common.security import SecurityConfigError, bearer_metadata, channel_credentials
 
 log = logging.getLogger("fedcmp.client")
@@ -59,10 +63,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                              "<cache dir>/features)")
     data.add_argument("--workers", type=int, default=2, help="processes decoding images (default: %(default)s)")
     parser.add_argument("--client-id", help="stable name of this client (default: the data folder's name)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (under torchrun, cuda means cuda:LOCAL_RANK)")
+    parser.add_argument("--precision", choices=PRECISIONS,
+                        help="override the recipe's precision on this client (auto: bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--vision-model", help="local path or hub id standing in for the recipe's vision tower")
     parser.add_argument("--llm", help="local path or hub id standing in for the recipe's LLM")
     parser.add_argument("--batch-size", type=int, help="override the recipe's batch size on this client")
+    parser.add_argument("--micro-batch-size", type=int,
+                        help="examples per forward pass on this client, per rank under torchrun (gradients "
+                             "accumulate up to the recipe's batch size; the update does not change, only the "
+                             "memory it takes)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                        help="recompute the frozen LM's activations in the backward (less memory, ~1/3 more "
+                             "compute; the update does not change)")
     parser.add_argument("--cache-dir", type=Path, help="model zoo and feature cache (default $FEDCMP_CACHE or "
                                                        "~/.cache/fedcmp)")
     parser.add_argument("--tls-ca", type=Path, help="CA that signed the coordinator's certificate (enables TLS)")
@@ -95,9 +109,10 @@ def data_options(args: argparse.Namespace) -> DataOptions:
 
 
 def local_overrides(args: argparse.Namespace) -> dict[str, object]:
-    """Recipe fields this client sets for itself."""
+    """Recipe fields this client sets for itself (backbone paths, batch, precision, memory, feature cache)."""
     local = {"vision_model": args.vision_model, "llm": args.llm, "batch_size": args.batch_size,
-             "feature_cache": args.feature_cache}
+             "micro_batch_size": args.micro_batch_size, "precision": args.precision,
+             "gradient_checkpointing": args.gradient_checkpointing, "feature_cache": args.feature_cache}
     return {key: value for key, value in local.items() if value is not None}
 
 
@@ -128,8 +143,31 @@ def default_client_id(data: Path) -> str:
     return folder.resolve().name or "client"
 
 
+def local_recipe(args: argparse.Namespace, recipe: Recipe) -> Recipe:
+    """The coordinator's recipe with this client's own overrides (backbone paths, batch, precision, memory)."""
+    return recipe.overridden(local_overrides(args), "the coordinator's recipe with this client's flags")
+
+
+def check_device(device: str) -> str:
+    """`device` if this machine has it (cpu, cuda, cuda:N); a ValueError saying why not otherwise."""
+    try:
+        torch_device = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"--device {device}: not a device ({error})") from error
+    if torch_device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {device}: this machine has no CUDA device (or this PyTorch has no CUDA)")
+        if torch_device.index is not None and torch_device.index >= count:
+            raise ValueError(f"--device {device}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+    elif torch_device.type != "cpu":
+        raise ValueError(f"--device {device}: fedcmp-client runs on cpu or cuda[:N]")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    ranks = Ranks.from_env()
     setup_logging(args.verbose, args.log_format)
     from fedcmp.client.trainer import LocalSession  # imports transformers, whose logging setup_logging adopted
     torch.set_num_threads(max(1, args.threads))
@@ -157,24 +195,37 @@ def main(argv: list[str] | None = None) -> int:
     if metadata and credentials is None:
         log.warning("!!! sending the bearer token over PLAINTEXT: anyone on the network path can read it and act "
                     "as this client; use TLS (--tls-ca) !!!")
+    try:
+        device = ranks.device(check_device(args.device))
+    except ValueError as error:
+        print(f"fedcmp-client: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+    def open_session(recipe: Recipe) -> LocalSession:
+        return LocalSession.open(scanned, recipe, client_id, device=device, cache_dir=args.cache_dir,
+                                 options=options, show_progress=not args.no_progress and ranks.is_main)
+
     link = CoordinatorLink(ConnectionSettings(args.server, credentials, metadata, args.reconnect_budget))
     metrics = None
-    if args.metrics_port is not None:
+    if args.metrics_port is not None and ranks.is_main:  # one exporter per client, on the rank that reports
         metrics = ClientMetrics()
         metrics.serve(args.metrics_port, args.metrics_host)
         log.info("Prometheus metrics on http://%s:%d/metrics", args.metrics_host, args.metrics_port)
     daemon = ClientDaemon(link, client_id, TrainingProgress(args.progress_interval, metrics))
     try:
-        recipe = daemon.fetch_recipe().model_copy(update=local_overrides(args))
-        session = LocalSession.open(scanned, recipe, client_id, device=args.device, cache_dir=args.cache_dir,
-                                    options=options, show_progress=not args.no_progress)
-        backbones = fingerprint_backbones(recipe.vision_model, recipe.llm, args.cache_dir)
-        log.info("backbones: %s", backbones.describe())
-        daemon.run(session, backbones)
+        with process_group(ranks, device) as group:
+            if group is not None and not ranks.is_main:  # the coordinator only ever hears from rank 0
+                follow(group, open_session)
+                return EXIT_OK
+            with leading(group) as leader:
+                session = leader.open(local_recipe(args, daemon.fetch_recipe()), open_session)
+                backbones = fingerprint_backbones(session.recipe.vision_model, session.recipe.llm, args.cache_dir)
+                log.info("backbones: %s", backbones.describe())
+                daemon.run(session, backbones)
     except DataError as error:
         print(f"fedcmp-client: bad data: {error}", file=sys.stderr)
         return EXIT_USAGE
-    except FingerprintError as error:
+    except (FingerprintError, RecipeError) as error:
         print(f"fedcmp-client: {error}", file=sys.stderr)
         return EXIT_USAGE
     except RegistrationRefused as error:

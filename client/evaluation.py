@@ -17,7 +17,7 @@ from fedcmp.client.model import ProjectorMLLM
 def caption_nll(
     model: ProjectorMLLM, features: Tensor | FeatureStore, caption_ids: Tensor, caption_mask: Tensor, batch_size: int
 ) -> float:
-    """Mean NLL per supervised caption token (caption + eos) over the whole set."""
+    """Mean NLL per supervised caption token (caption + separator) over the whole set."""
     total_nll, total_tokens = 0.0, 0
     for start in range(0, len(features), batch_size):
         end = start + batch_size

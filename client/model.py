@@ -9,11 +9,15 @@ Everything but the projector is frozen.
 `image_features` computes the frozen features of preprocessed images (layer
 `vision_feature_layer`, CLS dropped under the `default` strategy, exactly as
 `LlavaModel.get_image_features` selects them; `fedcmp.client.features` caches them or runs it
-per batch) and `caption_nll` feeds their projection to the LM as input embeddings, following
-LLaVA's `plain` pretraining template.
+per batch) and `caption_nll` feeds their projection to the LM as input embeddings, after BOS and
+before the caption, as LLaVA's `plain` pretraining template (`fedcmp.client.template`) lays them
+out.
 
-On CUDA the frozen backbones are held in bfloat16 and forwards run under bf16 autocast; the
-projector's (master) weights stay float32. On CPU everything is float32.
+Precision (`fedcmp.client.precision`): under bf16/fp16 the frozen backbones are held in that
+dtype, loaded straight onto their device, and forwards run under autocast; the projector's
+(master) weights stay float32. `gradient_checkpointing` recomputes the frozen LM's layer
+activations in the backward instead of storing them (gradients still flow through the LM to the
+projector, so a 7B LM's activations would otherwise dominate memory).
 """
 from __future__ import annotations
 
@@ -40,7 +44,9 @@ from transformers import (
 )
 
 from fedcmp.client.data import IMAGE_TOKEN
+from fedcmp.client.precision import DTYPES, autocast, enable_tf32, resolve_precision
 from fedcmp.client.sources.images import load_rgb
+from fedcmp.client.template import PlainTemplate
 from fedcmp.common.projector import build_projector, describe_shapes, init_projector_params, projector_shapes
 from fedcmp.common.recipe import Recipe
 
@@ -60,16 +66,15 @@ class ProjectorMLLM:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.device = torch.device(device)
+        self.precision = resolve_precision(recipe.precision, self.device)
         self.projector_type = recipe.projector_type
-        self.max_caption_tokens = recipe.max_caption_tokens
+        self.template = PlainTemplate(tokenizer, recipe.max_caption_tokens)
 
         config = llava.config
         self.vision_hidden: int = config.vision_config.hidden_size
         self.text_hidden: int = config.text_config.hidden_size
         self.num_image_tokens: int = config.image_seq_length
         self.image_token_id: int = config.image_token_id
-        self.eos_token_id: int = tokenizer.eos_token_id
-        self.pad_token_id: int = tokenizer.eos_token_id if tokenizer.pad_token_id is None else tokenizer.pad_token_id
 
     @classmethod
     def from_pretrained(
@@ -77,16 +82,17 @@ class ProjectorMLLM:
     ) -> ProjectorMLLM:
         """Load both backbones, compose the Llava model around a seeded projector, freeze the rest."""
         torch_device = torch.device(device)
-        dtype = torch.bfloat16 if torch_device.type == "cuda" else torch.float32
+        dtype = DTYPES[resolve_precision(recipe.precision, torch_device)]
+        enable_tf32(torch_device)
         vision_path = _resolve(vision, "vision", cache_dir)
         llm_path = _resolve(llm, "llm", cache_dir)
 
-        vision_tower = _load_vision_tower(vision_path, dtype, cache_dir)
+        vision_tower = _load_vision_tower(vision_path, dtype, torch_device, cache_dir)
         image_processor = AutoImageProcessor.from_pretrained(vision_path, cache_dir=cache_dir)
-        causal_lm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, cache_dir=cache_dir)
+        causal_lm = AutoModelForCausalLM.from_pretrained(
+            llm_path, dtype=dtype, device_map=torch_device, cache_dir=cache_dir
+        )  # straight onto the device: no full CPU copy first
         tokenizer = AutoTokenizer.from_pretrained(llm_path, cache_dir=cache_dir)
-        if tokenizer.eos_token_id is None:
-            raise ValueError(f"the tokenizer of {llm} has no eos token; captions must end with one")
         image_token_id = _ensure_image_token(tokenizer, causal_lm)
 
         config = LlavaConfig(
@@ -116,6 +122,8 @@ class ProjectorMLLM:
         llava.requires_grad_(False)
         projector.requires_grad_(True)
         llava.eval()  # always: no dropout anywhere, so training is deterministic
+        if recipe.gradient_checkpointing:
+            _checkpoint_layers(llava.model.language_model)
         return cls(llava, tokenizer, image_processor, recipe, device)
 
     @property
@@ -180,22 +188,19 @@ class ProjectorMLLM:
         return features
 
     def tokenize_captions(self, captions: Sequence[str]) -> tuple[Tensor, Tensor]:
-        """Caption ids [N, L] (caption + eos, at most `max_caption_tokens`, right-padded) and their mask [N, L]."""
-        encoded = self.tokenizer(list(captions), add_special_tokens=False)["input_ids"]
-        rows = [ids[: self.max_caption_tokens - 1] + [self.eos_token_id] for ids in encoded]
-        length = max((len(row) for row in rows), default=1)
-        caption_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
-        caption_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for index, row in enumerate(rows):
-            caption_ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
-            caption_mask[index, : len(row)] = 1
-        return caption_ids, caption_mask
+        """Supervised caption ids [N, L] (caption + "\\n", right-padded) and their mask [N, L]."""
+        return self.template.encode(captions)
 
-    def caption_nll(self, features: Tensor, caption_ids: Tensor, caption_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def caption_nll(
+        self, features: Tensor, caption_ids: Tensor, caption_mask: Tensor, projector: nn.Module | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Per-example summed caption NLL [B] (float32) and supervised token counts [B].
 
-        LLaVA `plain` template: the sequence is <image> + caption + </s>, where <image> stands for
-        the P projected features, placed directly as the first P input embeddings.
+        `projector`: the module to run the projector through (e.g. its DDP wrapper); default the projector.
+
+        LLaVA `plain` template: the sequence is [BOS] + <image> + caption + "\\n", where <image>
+        stands for the P projected features placed as input embeddings right after BOS (if the
+        tokenizer uses one); only the caption ids (caption and separator) are supervised.
         """
         features = features.to(self.device)  # [B, P, vision_hidden]
         caption_ids = caption_ids.to(self.device)  # [B, L]
@@ -204,27 +209,28 @@ class ProjectorMLLM:
         length = int(caption_mask.sum(dim=1).max())
         caption_ids, caption_mask = caption_ids[:, :length], caption_mask[:, :length]  # [B, L], L = longest caption
         batch, patches = features.shape[:2]
+        prefix_ids = torch.tensor(self.template.prefix_ids, device=self.device).expand(batch, -1)  # [B, b], b = 0 or 1
+        head = prefix_ids.shape[1] + patches  # positions before the caption: BOS and image
+        embed = self.llava.get_input_embeddings()
         with self._autocast():
-            image_embeds = self.projector(features)  # [B, P, text_hidden]
-            text_embeds = self.llava.get_input_embeddings()(caption_ids)  # [B, L, text_hidden]
-            image_embeds = image_embeds.to(text_embeds.dtype)
-            inputs_embeds = torch.cat([image_embeds, text_embeds], dim=1)  # [B, P + L, text_hidden]
-            attention_mask = torch.cat([caption_mask.new_ones(batch, patches), caption_mask], dim=1)  # [B, P + L]
+            text_embeds = embed(torch.cat([prefix_ids, caption_ids], dim=1))  # [B, b + L, text_hidden]
+            image_embeds = (projector or self.projector)(features).to(text_embeds.dtype)  # [B, P, text]
+            prefix_embeds, caption_embeds = text_embeds.split([prefix_ids.shape[1], length], dim=1)
+            inputs_embeds = torch.cat([prefix_embeds, image_embeds, caption_embeds], dim=1)  # [B, head + L, text_hidden]
+            attention_mask = torch.cat([caption_mask.new_ones(batch, head), caption_mask], dim=1)  # [B, head + L]
             hidden = self.llava.model.language_model(
                 inputs_embeds=inputs_embeds, attention_mask=attention_mask
-            ).last_hidden_state  # [B, P + L, text_hidden]
-            # LLaVA's labels are [-100] * P + caption ids (pads -100), and position t predicts token t + 1.
-            # So the P - 1 first image positions predict nothing, and positions P - 1 .. P + L - 2
-            # predict the L caption tokens: compute logits only there.
-            logits = self.llava.lm_head(hidden[:, patches - 1 : -1])  # [B, L, vocab]
+            ).last_hidden_state  # [B, head + L, text_hidden]
+            # LLaVA's labels are -100 on BOS and the image, then the caption ids (pads -100), and
+            # position t predicts token t + 1: positions head - 1 .. head + L - 2 predict the L
+            # caption tokens, so logits are computed only there.
+            logits = self.llava.lm_head(hidden[:, head - 1 : -1])  # [B, L, vocab]
         token_nll = F.cross_entropy(logits.float().flatten(0, 1), caption_ids.flatten(), reduction="none")  # [B * L]
         token_nll = token_nll.view_as(caption_ids).masked_fill(caption_mask == 0, 0.0)  # [B, L], pads unsupervised
         return token_nll.sum(dim=1), caption_mask.sum(dim=1)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.precision, self.device)
 
 
 def _resolve(name_or_path: str, kind: str, cache_dir: Path | None) -> str:
@@ -242,12 +248,29 @@ def _num_image_tokens(vision_config: PreTrainedConfig, select_strategy: str) -> 
     return patches + (1 if select_strategy == "full" else 0)
 
 
-def _load_vision_tower(path: str, dtype: torch.dtype, cache_dir: Path | None) -> PreTrainedModel:
+def _load_vision_tower(
+    path: str, dtype: torch.dtype, device: torch.device, cache_dir: Path | None
+) -> PreTrainedModel:
     """The vision encoder alone; from a dual-encoder checkpoint (e.g. a full CLIP) keep its vision half."""
     config = AutoConfig.from_pretrained(path, cache_dir=cache_dir)
     vision_config = config.vision_config if hasattr(config, "vision_config") else config
     model_class = MODEL_MAPPING[type(vision_config)]  # CLIPVisionConfig -> CLIPVisionModel, as Llava itself maps it
-    return model_class.from_pretrained(path, dtype=dtype, cache_dir=cache_dir)
+    return model_class.from_pretrained(path, dtype=dtype, device_map=device, cache_dir=cache_dir)
+
+
+def _checkpoint_layers(language_model: PreTrainedModel) -> None:
+    """Recompute the LM's decoder layers in the backward instead of keeping their activations.
+
+    transformers checkpoints a layer only while that layer is in training mode; the flag is set
+    on the layers alone, so their submodules stay in eval mode (no dropout: still deterministic).
+    """
+    if hasattr(language_model, "activation_checkpointing_enable"):  # its name from transformers 5.x on
+        language_model.activation_checkpointing_enable()  # non-reentrant by default
+    else:
+        language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in language_model.modules():
+        if getattr(module, "gradient_checkpointing", False):
+            module.training = True
 
 
 def _ensure_image_token(tokenizer: PreTrainedTokenizerBase, causal_lm: PreTrainedModel) -> int:

@@ -71,11 +71,18 @@ class Recipe(BaseModel):
     local_steps: int | None = Field(default=None, ge=1)  # None: derived from `epochs` (one pass overall)
     epochs: float = Field(default=1.0, gt=0)
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(default=2e-3, gt=0)
+    lr: float = Field(default=2e-3, gt=0)  # peak rate
+    lr_schedule: Literal["constant", "cosine"] = "cosine"  # over the whole run (LLaVA: cosine)
+    warmup_ratio: float = Field(default=0.03, ge=0, lt=1)  # of the run's steps (LLaVA: 0.03)
     weight_decay: float = Field(default=0.0, ge=0)
-    batch_size: int = Field(default=16, ge=1)
+    batch_size: int = Field(default=16, ge=1)  # effective: examples per optimizer step
+    micro_batch_size: int | None = Field(default=None, ge=1)  # examples per forward; None: batch_size
     proximal_mu: float = Field(default=0.0, ge=0)  # FedProx's mu/2 ||w - w_t||^2 on the client
     val_fraction: float = Field(default=0.1, ge=0, lt=1)  # carved from each client's data, never trained on
+    # Precision and memory (fedcmp.client.precision): auto = bf16 on CUDA (fp16 where the GPU has no
+    # bf16), fp32 on CPU; LLaVA's stage 1 trains in bf16.
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    gradient_checkpointing: bool = False  # recompute the frozen LM's activations in the backward
     seed: int = 0
 
     @field_validator("projector_type")
@@ -94,6 +101,11 @@ class Recipe(BaseModel):
             raise ValueError("vision_hidden and text_hidden pin the projector together: give both or neither")
         return self
 
+    @property
+    def forward_batch_size(self) -> int:
+        """Examples per forward pass: `micro_batch_size`, never more than `batch_size`."""
+        return min(self.batch_size, self.micro_batch_size or self.batch_size)
+
     def local_steps_for(self, num_train_samples: int) -> int:
         """Optimizer steps per round for a client holding `num_train_samples` examples.
 
@@ -104,6 +116,12 @@ class Recipe(BaseModel):
             return self.local_steps
         total_batches = self.epochs * num_train_samples / self.batch_size
         return max(1, round(total_batches / self.rounds))
+
+    def overridden(self, overrides: dict[str, Any], source: str) -> Recipe:
+        """This recipe with the non-None `overrides` applied and validated (a RecipeError names the field)."""
+        data = self.model_dump()
+        data.update({key: value for key, value in overrides.items() if value is not None})
+        return _validated(data, source)
 
     def to_json(self) -> str:
         return self.model_dump_json()

@@ -5,18 +5,24 @@ and captions (``fedcmp.common.synthetic``), with other seeds and other handwritt
 the federated datasets use, and saved with ``save_pretrained`` so that they load through the
 same ``from_pretrained`` path as real checkpoints:
 
-    <cache>/micro/vision/   CLIPVisionModel + CLIPImageProcessor (32x32, mean = std = 0.5)
-    <cache>/micro/llm/      LlamaForCausalLM + tokenizer (WordLevel over the caption language)
-    <cache>/micro/zoo.json  manifest: version, seeds, configs, pretraining metrics, weight hashes
+    <cache>/micro-v{ZOO_VERSION}/vision/   CLIPVisionModel + CLIPImageProcessor (32x32, mean = std = 0.5)
+    <cache>/micro-v{ZOO_VERSION}/llm/      LlamaForCausalLM + tokenizer (byte-level BPE, no unknown token)
+    <cache>/micro-v{ZOO_VERSION}/zoo.json  manifest: version, seeds, configs, pretraining metrics, weight hashes
+
+Each version has its own directory, so processes running different versions of fedcmp can share
+one cache without rebuilding each other's zoo.
 
 Vision tower: supervised attribute heads (domain, category, colour, position, size, texture)
 on the mean patch token of the last two layers, plus a per-patch head (which colour of object,
 or background, covers this patch) so that LLaVA's default features — the patch tokens of the
 penultimate layer — carry colour, shape and position.
 
-LM: a causal LM over captions. Each training sequence is ``[<s>?] prefix caption </s>`` where
-the prefix (0-16 input embeddings, where LLaVA puts the image) holds random vectors or, for
-half the rows, the noisy embeddings of the scene's attribute words among random vectors. The
+LM: a causal LM over captions, with a byte-level BPE tokenizer trained on the caption language
+(every text is representable: there is no unknown token; corpus words are single tokens). Each
+training sequence follows LLaVA's ``plain`` template, ``<s> prefix caption \n`` with the caption
+and separator supervised, where the prefix (0-16 input embeddings, where LLaVA puts the image)
+holds random vectors or, for half the rows, the noisy embeddings of the scene's attribute words
+among random vectors. The
 LM thus tolerates a prefix of foreign embeddings and has learnt to read one: a projector can
 steer it, but only images tell *which* caption is right, which is what federated training
 of the projector has to learn.
@@ -44,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
-from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from torch import Tensor, nn
 from transformers import (
     CLIPImageProcessor,
@@ -59,7 +65,8 @@ from fedcmp.common import synthetic as syn
 
 log = logging.getLogger(__name__)
 
-ZOO_VERSION = 1  # bump when anything below changes the built models; stale zoos are rebuilt
+ZOO_VERSION = 2  # bump when anything below changes the built models; each version has its own directory
+ZOO_DIRECTORY = f"micro-v{ZOO_VERSION}"  # under the cache dir
 ZOO_STREAM = 0x200  # numpy seed-sequence prefix of all zoo data (datagen uses another one)
 VISION_SEED = 0
 LM_SEED = 1
@@ -67,6 +74,9 @@ IMAGE_SIZE = 32
 PIXEL_MEAN = (0.5, 0.5, 0.5)
 PIXEL_STD = (0.5, 0.5, 0.5)
 MAX_PREFIX = 16  # longest embedding prefix the LM sees in pretraining (= patches per image)
+SEPARATOR = "\n"  # LLaVA's `plain` template ends every caption with it (fedcmp.client.template)
+TOKENIZER_VOCAB = 512  # upper bound: BPE merges stop once every corpus word is one token
+TOKENIZER_SPECIALS: tuple[str, ...] = (syn.PAD, syn.BOS, syn.EOS, syn.IMAGE)  # no <unk>: bytes cover all
 
 VISION_CONFIG = dict(
     image_size=IMAGE_SIZE, patch_size=8, hidden_size=64, intermediate_size=256,
@@ -177,13 +187,20 @@ def linear_readout(features: Tensor, labels: dict[str, np.ndarray], n_train: int
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the closed caption language; ``<s>`` is prepended (as Llama's)."""
-    vocab = {tok: i for i, tok in enumerate(syn.SPECIAL_TOKENS + syn.vocabulary())}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token=syn.UNK))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in syn.SPECIAL_TOKENS])
-    bos_id = vocab[syn.BOS]
+    """Byte-level BPE trained on every caption of the synthetic language; ``<s>`` is prepended (as
+    Llama's). Words are split GPT-2 style with a leading space, the first one included, so a word
+    is the same token wherever it stands."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB,
+        special_tokens=[AddedToken(t, special=True, normalized=False) for t in TOKENIZER_SPECIALS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(sorted({text for *_, text in syn.all_scene_captions()}), trainer)
+    bos_id = tok.token_to_id(syn.BOS)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{syn.BOS} $A", pair=f"{syn.BOS} $A {syn.BOS} $B", special_tokens=[(syn.BOS, bos_id)]
     )
@@ -191,11 +208,16 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         tokenizer_object=tok,
         bos_token=syn.BOS,
         eos_token=syn.EOS,
-        unk_token=syn.UNK,
         pad_token=syn.PAD,
         extra_special_tokens={"image_token": syn.IMAGE},
         model_max_length=LM_CONFIG["max_position_embeddings"],
     )
+
+
+def max_caption_tokens(tokenizer: PreTrainedTokenizerFast) -> int:
+    """Supervised tokens (caption + separator) of the longest caption of the synthetic language."""
+    texts = sorted({text + SEPARATOR for *_, text in syn.all_scene_captions()})
+    return max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
 def _cosine_lr(step: int, total: int, peak: float, warmup: int = 50) -> float:
@@ -321,26 +343,28 @@ def _lm_batch(
     scenes: Sequence[syn.Scene],
     captions: Sequence[str],
     prefix_len: int,
-    bos: bool,
     tags_rows: Tensor,
     gen: torch.Generator,
 ) -> tuple[Tensor, Tensor]:
-    """Build ``[<s>?] prefix caption </s> <pad>...`` as input embeddings.
+    """Build ``<s> prefix caption \\n <pad>...`` (LLaVA's ``plain`` template) as input embeddings.
 
-    Prefix rows in ``tags_rows`` (bool (B,)) hold the noisy embeddings of the scene's tag words
-    (a random subset when the prefix is short) at random slots; every other prefix slot is a
-    random vector at the embeddings' scale. Padding is on the right, so causal attention needs
-    no mask. Returns inputs_embeds (B, T, D) and labels (B, T) (caption + ``</s>`` only).
+    Prefix rows in ``tags_rows`` (bool (B,)) hold the noisy embeddings of the tokens of the
+    scene's tag words (a random subset when the prefix is short) at random slots; every other
+    prefix slot is a random vector at the embeddings' scale. Padding is on the right, so causal
+    attention needs no mask. Returns inputs_embeds (B, T, D) and labels (B, T) (caption + separator only).
     """
     embed = model.get_input_embeddings()
-    enc = tokenizer([c + syn.EOS for c in captions], add_special_tokens=False, padding=True, return_tensors="pt")
+    enc = tokenizer([c + SEPARATOR for c in captions], add_special_tokens=False, padding=True, return_tensors="pt")
     ids, text_mask = enc["input_ids"], enc["attention_mask"]  # (B, L)
     b, d, k = ids.shape[0], embed.embedding_dim, prefix_len
     scale = embed.weight.detach().std()
-    head_ids = torch.full((b, int(bos)), tokenizer.bos_token_id, dtype=torch.long)  # (B, 0|1)
+    head_ids = torch.full((b, 1), tokenizer.bos_token_id, dtype=torch.long)  # (B, 1)
     prefix = torch.randn(b, k, d, generator=gen) * scale  # (B, K, D)
 
-    tag_lists = [tokenizer.convert_tokens_to_ids(s.tags()) for s in scenes]
+    words = sorted({word for s in scenes for word in s.tags()})
+    # a caption word's ids as it stands inside a caption (one id for every corpus word)
+    word_ids = dict(zip(words, tokenizer(words, add_special_tokens=False)["input_ids"]))
+    tag_lists = [[t for word in s.tags() for t in word_ids[word]] for s in scenes]
     width = max(len(t) for t in tag_lists)
     tags = torch.tensor([t + [-1] * (width - len(t)) for t in tag_lists])  # (B, W), -1 = none
     order = torch.rand(b, width, generator=gen).masked_fill(tags < 0, 2.0).argsort(dim=1)
@@ -351,8 +375,8 @@ def _lm_batch(
         noise = torch.randn(len(rows), d, generator=gen) * 0.3 * scale  # (R, D)
         prefix[rows, slots[rows, j]] = embed(tags[rows, j]) + noise
 
-    inputs = torch.cat([embed(head_ids), prefix, embed(ids)], dim=1)  # (B, T = bos + K + L, D)
-    ignored = torch.full((b, int(bos) + k), -100, dtype=torch.long)
+    inputs = torch.cat([embed(head_ids), prefix, embed(ids)], dim=1)  # (B, T = 1 + K + L, D)
+    ignored = torch.full((b, 1 + k), -100, dtype=torch.long)
     labels = torch.cat([ignored, ids.masked_fill(text_mask == 0, -100)], dim=1)  # (B, T)
     return inputs, labels
 
@@ -366,7 +390,7 @@ def caption_perplexity(
     prefix: PrefixKind,
     seed: int = 0,
 ) -> float:
-    """Per-token perplexity of ``captions`` (+ ``</s>``) after ``<s>`` and a 16-slot prefix of
+    """Per-token perplexity of ``captions`` (+ separator) after ``<s>`` and a 16-slot prefix of
     nothing, random vectors, or the scene's tag embeddings among random vectors."""
     model.eval()
     gen = torch.Generator().manual_seed(seed)
@@ -375,7 +399,7 @@ def caption_perplexity(
         sc, cap = scenes[i : i + 256], captions[i : i + 256]
         tags_rows = torch.full((len(cap),), prefix == "tags")
         k = 0 if prefix == "none" else MAX_PREFIX
-        inputs, labels = _lm_batch(model, tokenizer, sc, cap, k, True, tags_rows, gen)
+        inputs, labels = _lm_batch(model, tokenizer, sc, cap, k, tags_rows, gen)
         logits = model(inputs_embeds=inputs).logits  # (B, T, V)
         nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum"))
         count += int((labels[:, 1:] != -100).sum())
@@ -410,8 +434,7 @@ def pretrain_lm(
         scenes, captions = caption_batch(rng, LM_BATCH)
         prefix_len = int(rng.integers(0, MAX_PREFIX + 1))
         tags_rows = torch.from_numpy(rng.random(LM_BATCH) < 0.5) & (prefix_len > 0)
-        bos = bool(rng.random() < 0.5)
-        inputs, labels = _lm_batch(model, tokenizer, scenes, captions, prefix_len, bos, tags_rows, gen)
+        inputs, labels = _lm_batch(model, tokenizer, scenes, captions, prefix_len, tags_rows, gen)
         for group in optimizer.param_groups:
             group["lr"] = _cosine_lr(step, steps, LM_LR)
         loss = model(inputs_embeds=inputs, labels=labels).loss
@@ -470,7 +493,7 @@ def _build(root: Path) -> None:
                    "sha256": _sha256(zoo.vision_path / "model.safetensors")},
         "llm": {"config": LM_CONFIG, "vocab_size": len(tokenizer), "metrics": lm_metrics,
                 "image_token_id": tokenizer.convert_tokens_to_ids(syn.IMAGE),
-                "max_caption_tokens": syn.max_caption_tokens(),
+                "max_caption_tokens": max_caption_tokens(tokenizer),
                 "sha256": _sha256(zoo.llm_path / "model.safetensors")},
         "build_seconds": round(time.monotonic() - started, 1),
     }  # fmt: skip
@@ -485,15 +508,16 @@ def _is_current(zoo: MicroZoo) -> bool:
 
 
 def ensure_micro_zoo(cache_dir: Path | None = None) -> MicroZoo:
-    """The micro zoo under ``cache_dir`` (default: :func:`default_cache_dir`), built if missing
-    or stale. Building happens in a temporary directory renamed into place under a file lock,
-    so concurrent callers build once and a killed build leaves no half zoo."""
+    """The micro zoo of this ``ZOO_VERSION`` under ``cache_dir`` (default: :func:`default_cache_dir`),
+    built if missing or unreadable. Building happens in a temporary directory renamed into place
+    under a file lock, so concurrent callers build once and a killed build leaves no half zoo.
+    Zoos of other versions (other directories) are left alone."""
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    zoo = MicroZoo.at(cache / "micro")
+    zoo = MicroZoo.at(cache / ZOO_DIRECTORY)
     if _is_current(zoo):
         return zoo
     cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / "micro.lock", "w") as lock:
+    with open(cache / f"{ZOO_DIRECTORY}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if _is_current(zoo):  # another process built it while we waited
             return zoo
@@ -501,9 +525,9 @@ def ensure_micro_zoo(cache_dir: Path | None = None) -> MicroZoo:
         try:
             tmp.chmod(0o755)  # mkdtemp makes it private; the zoo is shareable
             _build(tmp)
-            if zoo.root.exists():  # stale version: move aside, swap in, delete
+            if zoo.root.exists():  # a broken zoo (no readable manifest): move aside, swap in, delete
                 stale = Path(tempfile.mkdtemp(prefix=".micro-stale-", dir=cache))
-                zoo.root.rename(stale / "micro")
+                zoo.root.rename(stale / ZOO_DIRECTORY)
                 tmp.rename(zoo.root)
                 shutil.rmtree(stale)
             else:

@@ -29,14 +29,12 @@ def _batch(model: ProjectorMLLM, folder: Path, count: int) -> tuple[list[Path], 
 
 
 def _llava_loss(model: ProjectorMLLM, paths: list[Path], caption_ids: Tensor, caption_mask: Tensor) -> Tensor:
-    """LLaVA's own pretraining loss: P <image> tokens + caption, labels -100 on image positions and pads."""
-    batch, patches = caption_ids.shape[0], model.num_image_tokens
+    """LLaVA's own pretraining loss: BOS + P <image> tokens + caption, labels -100 on BOS, image and pads."""
     images = [Image.open(path).convert("RGB") for path in paths]
     pixel_values = model.image_processor(images=images, return_tensors="pt")["pixel_values"]
-    image_ids = torch.full((batch, patches), model.image_token_id)
-    input_ids = torch.cat([image_ids, caption_ids], dim=1)
-    attention_mask = torch.cat([torch.ones(batch, patches, dtype=torch.long), caption_mask], dim=1)
-    labels = torch.cat([torch.full((batch, patches), -100), caption_ids.masked_fill(caption_mask == 0, -100)], dim=1)
+    input_ids, attention_mask, labels = model.template.llava_inputs(
+        caption_ids, caption_mask, model.image_token_id, model.num_image_tokens
+    )
     with torch.no_grad():
         output = model.llava(
             input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask, labels=labels
@@ -71,28 +69,32 @@ def test_only_projector_trains(model: ProjectorMLLM, scenes: Path) -> None:
     model.projector.zero_grad(set_to_none=True)
 
 
-def test_tokenize_captions_appends_eos_pads_and_truncates(model: ProjectorMLLM) -> None:
+def test_tokenize_captions_pads_and_truncates(model: ProjectorMLLM) -> None:
     caption_ids, caption_mask = model.tokenize_captions(["a red square", "a big blue circle on black " * 5])
-    eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
-    assert caption_ids.shape == (2, model.max_caption_tokens)
-    assert caption_mask[0].tolist() == [1] * 4 + [0] * (model.max_caption_tokens - 4)
-    assert caption_ids[0, :4].tolist() == model.tokenizer("a red square", add_special_tokens=False)["input_ids"] + [eos]
-    assert (caption_ids[0, 4:] == pad).all()
-    assert caption_mask[1].all() and caption_ids[1, -1] == eos  # truncated to max_caption_tokens, eos kept
+    pad, bos = model.tokenizer.pad_token_id, model.tokenizer.bos_token_id
+    assert model.template.prefix_ids == [bos]  # the tiny tokenizer starts every text with <s>, as Llama's
+    length = model.template.max_caption_tokens
+    assert caption_ids.shape == (2, length)
+    # the whitespace-splitting tiny tokenizer drops the "\n" separator: 3 words, no bos, no eos
+    assert caption_mask[0].tolist() == [1] * 3 + [0] * (length - 3)
+    assert caption_ids[0, :3].tolist() == model.tokenizer("a red square", add_special_tokens=False)["input_ids"]
+    assert (caption_ids[0, 3:] == pad).all()
+    assert caption_mask[1].all()  # truncated to max_caption_tokens
+    assert caption_ids[1].tolist() == model.tokenizer("a big blue circle on black " * 2)["input_ids"][1 : length + 1]
 
 
-def test_only_caption_and_eos_are_supervised(model: ProjectorMLLM, scenes: Path) -> None:
+def test_only_caption_tokens_are_supervised(model: ProjectorMLLM, scenes: Path) -> None:
     paths, captions = _batch(model, scenes, 3)
     features = model.encode_images(paths, batch_size=2)
     assert features.shape == (3, 16, 24) and features.dtype == torch.float32
     caption_ids, caption_mask = model.tokenize_captions([captions[0], "a red square", captions[2]])
     with torch.no_grad():
         nll, tokens = model.caption_nll(features, caption_ids, caption_mask)
-        alone, alone_tokens = model.caption_nll(features[1:2], caption_ids[1:2, :4], caption_mask[1:2, :4])
-    # 6 words + </s>; "a red square" + </s>; no image position is counted.
-    assert tokens.tolist() == [7, 4, 7]
+        alone, alone_tokens = model.caption_nll(features[1:2], caption_ids[1:2, :3], caption_mask[1:2, :3])
+    # 6 words; "a red square"; neither BOS nor an image position is counted.
+    assert tokens.tolist() == [6, 3, 6]
     # Padding positions add nothing: the padded example scores as it does alone.
-    assert alone_tokens.item() == 4
+    assert alone_tokens.item() == 3
     torch.testing.assert_close(nll[1:2], alone)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,6 +73,8 @@ def test_two_fresh_sessions_are_bit_identical(scenes: Path, make_recipe: Callabl
 
 
 def test_round_r_is_stateless(session: LocalSession, scenes: Path, make_recipe: Callable[..., Recipe]) -> None:
+    """A client restarted at round r trains exactly as the long-lived one: same batches, same rates."""
+    assert session.recipe.lr_schedule == "cosine"  # rates differ from round to round
     global_params = session.model.projector_params()
     for round_index in range(3):  # rounds 0, 1, 2 on the long-lived session
         last, _ = session.train_round(global_params, round_index, local_steps=4)
@@ -115,3 +118,32 @@ def test_every_format_trains_the_same_update(format: str, scenes: Path, tmp_path
     expected, _ = reference.train_round(start, round_index=0, local_steps=3)
     got, _ = other.train_round(start, round_index=0, local_steps=3)
     assert all(torch.equal(expected[key], got[key]) for key in expected)
+
+
+def test_accumulation_gives_the_update_of_one_big_batch(
+    session: LocalSession, make_recipe: Callable[..., Recipe]
+) -> None:
+    """batch_size 8 in micro-batches of 3 (3 + 3 + 2, gradients accumulated) = one forward of 8."""
+    global_params = session.model.projector_params()
+    updates = {}
+    for micro_batch_size in (None, 3):
+        recipe = make_recipe(batch_size=8, micro_batch_size=micro_batch_size, proximal_mu=0.5)
+        updates[micro_batch_size], metrics = replace(session, recipe=recipe).train_round(global_params, 1, 3)
+        assert metrics["samples"] == 24
+    for key in global_params:
+        assert not torch.allclose(updates[3][key], global_params[key])
+        torch.testing.assert_close(updates[3][key], updates[None][key])
+
+
+def test_rates_follow_the_run_wide_schedule(session: LocalSession, make_recipe: Callable[..., Recipe]) -> None:
+    """Step 0 of the run is the warm-up's zero rate; the next round's step trains at the scheduled rate."""
+    global_params = session.model.projector_params()
+    warm = replace(session, recipe=make_recipe(rounds=10, lr_schedule="cosine", warmup_ratio=0.2))
+    first, metrics = warm.train_round(global_params, round_index=0, local_steps=1)
+    assert metrics["lr_last"] == 0.0 and all(torch.equal(first[key], global_params[key]) for key in first)
+    second, metrics = warm.train_round(global_params, round_index=1, local_steps=1)
+    assert metrics["lr_last"] == pytest.approx(0.5 * warm.recipe.lr)
+    assert not all(torch.equal(second[key], global_params[key]) for key in second)
+    constant = replace(session, recipe=make_recipe(rounds=10, lr_schedule="constant"))
+    _, metrics = constant.train_round(global_params, round_index=0, local_steps=1)
+    assert metrics["lr_last"] == constant.recipe.lr

@@ -28,6 +28,9 @@ def test_json_round_trip() -> None:
 @pytest.mark.parametrize("fields, message", [
     ({"rounds": 0}, "rounds: Input should be greater than or equal to 1"),
     ({"projector_type": "mlp3x"}, "unknown projector type 'mlp3x'"),
+    ({"micro_batch_size": 0}, "micro_batch_size: Input should be greater than or equal to 1"),
+    ({"lr_schedule": "linear"}, "lr_schedule: Input should be 'constant' or 'cosine'"),
+    ({"warmup_ratio": 1.0}, "warmup_ratio: Input should be less than 1"),
     ({"batch_size": "many"}, "batch_size"),
     ({"lr": -1}, "lr: Input should be greater than 0"),
     ({"optimiser": "adamw"}, "optimiser: Extra inputs are not permitted"),
@@ -57,3 +60,12 @@ def test_local_steps_spread_one_pass_over_the_rounds() -> None:
     assert recipe.local_steps_for(3) == 1  # never zero
     assert Recipe(local_steps=5).local_steps_for(10_000) == 5
     assert json.loads(recipe.to_json())["rounds"] == 4
+
+
+def test_batch_defaults_and_forward_batch() -> None:
+    """LLaVA stage 1's schedule by default; micro-batches never exceed the effective batch."""
+    recipe = load_recipe()
+    assert (recipe.lr_schedule, recipe.warmup_ratio, recipe.weight_decay) == ("cosine", 0.03, 0.0)
+    assert recipe.forward_batch_size == recipe.batch_size == 16  # no accumulation unless asked
+    assert Recipe(batch_size=16, micro_batch_size=4).forward_batch_size == 4
+    assert Recipe(batch_size=8, micro_batch_size=32).forward_batch_size == 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -43,12 +44,27 @@ def test_loads_through_from_pretrained(micro_zoo: MicroZoo) -> None:
     hidden = vision(pixel_values=pixels).last_hidden_state
     assert hidden.shape == (4, 1 + 16, 64)  # CLS + 4x4 patches of 8 px
 
-    assert [tok.pad_token, tok.unk_token, tok.bos_token, tok.eos_token] == ["<pad>", "<unk>", "<s>", "</s>"]
+    assert [tok.pad_token, tok.bos_token, tok.eos_token, tok.unk_token] == ["<pad>", "<s>", "</s>", None]
     assert tok.convert_tokens_to_ids("<image>") == micro_zoo.manifest()["llm"]["image_token_id"]
     ids = tok("<image>\na small red circle on the left.")["input_ids"]
     assert ids[:2] == [tok.bos_token_id, tok.convert_tokens_to_ids("<image>")]
-    assert tok.unk_token_id not in tok(" ".join(syn.vocabulary()))["input_ids"]
-    assert lm.config.vocab_size == len(tok) == len(syn.vocabulary()) + len(syn.SPECIAL_TOKENS)
+    assert lm.config.vocab_size == len(tok)
+    # every word and punctuation mark of the caption language is one token, wherever it stands
+    words = [word for word in syn.vocabulary() if word.isalpha()]
+    assert [len(ids) for ids in tok(words, add_special_tokens=False)["input_ids"]] == [1] * len(words)
+    for *_, text in itertools.islice(syn.all_scene_captions(), 0, None, 97):
+        assert len(tok(text, add_special_tokens=False)["input_ids"]) == len(syn.tokenize(text)), text
+
+
+@pytest.mark.parametrize(
+    "caption",
+    ["crimson vertical stripes on a white background", "a picture of teal a checkerboard", "Ünïcode ✓ 漢字\n"],
+)
+def test_tokenizer_represents_any_caption(micro_zoo: MicroZoo, caption: str) -> None:
+    """Byte-level: no unknown token, and decoding gives the caption back (the issue's examples)."""
+    tok = AutoTokenizer.from_pretrained(micro_zoo.llm_path)
+    ids = tok(caption, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids).strip() == caption.strip()
 
 
 def test_lm_is_pretrained(micro_zoo: MicroZoo) -> None:
@@ -87,7 +103,8 @@ def test_vision_tower_is_pretrained(micro_zoo: MicroZoo) -> None:
 def test_manifest_and_reuse(micro_zoo: MicroZoo) -> None:
     manifest = micro_zoo.manifest()
     assert manifest["version"] == zoo.ZOO_VERSION
-    assert manifest["llm"]["max_caption_tokens"] == syn.max_caption_tokens()
+    assert manifest["llm"]["max_caption_tokens"] == zoo.max_caption_tokens(zoo.build_tokenizer())
+    assert micro_zoo.root.name == f"micro-v{zoo.ZOO_VERSION}"
     for part, path in (("vision", micro_zoo.vision_path), ("llm", micro_zoo.llm_path)):
         assert manifest[part]["sha256"] == zoo._sha256(path / "model.safetensors")
     stamp = (micro_zoo.root / "zoo.json").stat().st_mtime_ns
@@ -109,13 +126,16 @@ def test_pretraining_is_deterministic() -> None:
     for build in (vision_weights, lm_weights):
         a, b = build(), build()
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert zoo.build_tokenizer().backend_tokenizer.to_str() == zoo.build_tokenizer().backend_tokenizer.to_str()
 
 
 def _fake_build(root: Path) -> None:
     (root / "zoo.json").write_text(json.dumps({"version": zoo.ZOO_VERSION}))
 
 
-def test_build_is_atomic_and_replaces_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_build_is_atomic_and_replaces_a_broken_zoo(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    here = zoo.ZOO_DIRECTORY
+
     def killed(root: Path) -> None:
         (root / "vision").mkdir()
         raise KeyboardInterrupt
@@ -123,18 +143,33 @@ def test_build_is_atomic_and_replaces_stale(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setattr(zoo, "_build", killed)
     with pytest.raises(KeyboardInterrupt):
         ensure_micro_zoo(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["micro.lock"]  # no half zoo left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{here}.lock"]  # no half zoo left
 
-    stale = tmp_path / "micro"
-    stale.mkdir()
-    (stale / "zoo.json").write_text(json.dumps({"version": zoo.ZOO_VERSION - 1}))
+    broken = tmp_path / here
+    broken.mkdir()
+    (broken / "zoo.json").write_text("{not json")
     monkeypatch.setattr(zoo, "_build", _fake_build)
     built = ensure_micro_zoo(tmp_path)
     assert built.manifest() == {"version": zoo.ZOO_VERSION}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["micro", "micro.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [here, f"{here}.lock"]
+
+
+def test_other_versions_coexist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A zoo of another version (another fedcmp sharing the cache) is neither used nor touched."""
+    older = tmp_path / f"micro-v{zoo.ZOO_VERSION - 1}"
+    older.mkdir()
+    (older / "zoo.json").write_text(json.dumps({"version": zoo.ZOO_VERSION - 1}))
+    legacy = tmp_path / "micro"  # version 1 lived here
+    legacy.mkdir()
+    (legacy / "zoo.json").write_text(json.dumps({"version": 1}))
+    monkeypatch.setattr(zoo, "_build", _fake_build)
+    built = ensure_micro_zoo(tmp_path)
+    assert built.root == tmp_path / zoo.ZOO_DIRECTORY and built.manifest() == {"version": zoo.ZOO_VERSION}
+    assert json.loads((older / "zoo.json").read_text()) == {"version": zoo.ZOO_VERSION - 1}
+    assert json.loads((legacy / "zoo.json").read_text()) == {"version": 1}
 
 
 def test_default_cache_dir_honours_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FEDCMP_CACHE", str(tmp_path))
     monkeypatch.setattr(zoo, "_build", _fake_build)
-    assert ensure_micro_zoo().root == tmp_path / "micro"
+    assert ensure_micro_zoo().root == tmp_path / zoo.ZOO_DIRECTORY

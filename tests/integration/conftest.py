@@ -23,8 +23,12 @@ class Processes:
         self.started: list[subprocess.Popen] = []
         logs.mkdir(parents=True, exist_ok=True)
 
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
-        env = {**os.environ, "FEDCMP_CACHE": str(self.cache_dir), "PYTHONUNBUFFERED": "1"}
+    def launch(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Any command (e.g. torchrun around a client), logged as `name`, stopped with the others."""
+        return self._spawn(name, argv, env)
+
+    def _spawn(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+        env = {**os.environ, "FEDCMP_CACHE": str(self.cache_dir), "PYTHONUNBUFFERED": "1", **(extra_env or {})}
         log = open(self.logs / f"{name}.log", "w")
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
         process.log_path = self.logs / f"{name}.log"  # type: ignore[attr-defined]

@@ -1,0 +1,77 @@
+"""`torchrun --nproc-per-node 2 -m fedcmp.client` is one client: rank 0 talks to the coordinator,
+both ranks train, and the upload is the update one process makes with the same effective batch.
+When rank 0 fails between rounds (here: no coordinator), it tells the other ranks to stop."""
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from fedcmp.client.trainer import LocalSession
+from fedcmp.common.codec import load_params_file
+from fedcmp.common.constants import EXIT_UNAVAILABLE
+from fedcmp.common.recipe import load_recipe
+
+# gloo on the loopback interface; one intra-op thread per rank (2 ranks on a small machine).
+RANK_ENV = {"GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _torchrun_client(nproc: int) -> list[str]:
+    """torchrun with a static rendezvous on 127.0.0.1, around `python -m fedcmp.client`."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
+            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "fedcmp.client"]
+
+
+def test_two_rank_client_uploads_the_one_process_update(processes, two_client_data: Path, tmp_path: Path,
+                                                         micro_zoo) -> None:
+    # SGD: its update scales with the gradient (Adam's would hide a gradient off by the rank count);
+    # FedProx's term is added after the all-reduce, once per rank. 6 examples per step: 3 per rank,
+    # forwarded 2 + 1 (--micro-batch-size 2).
+    config = tmp_path / "recipe.yaml"
+    config.write_text(yaml.safe_dump({"rounds": 1, "min_clients": 1, "strategy": "fedavg", "local_steps": 3,
+                                      "seed": 5, "optimizer": "sgd", "lr": 2.0, "batch_size": 6,
+                                      "proximal_mu": 0.5}))
+    state = tmp_path / "state"
+    server, address = processes.server(state, "--config", str(config))
+    data = two_client_data / "client_0"
+    client = processes.launch("client_0", [*_torchrun_client(2), "--server", address, "--data", str(data),
+                                           "--cache-dir", str(micro_zoo.root.parent), "--threads", "1",
+                                           "--no-progress", "--micro-batch-size", "2"], env=RANK_ENV)
+    assert processes.wait(client) == 0, client.log_path.read_text()[-3000:]
+    assert processes.wait(server) == 0
+    uploaded = load_params_file(state / "global" / "v1.safetensors")  # FedAvg of one client: its upload
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = LocalSession.open(data, load_recipe(config), client_id="client_0", cache_dir=micro_zoo.root.parent)
+        start = single.model.projector_params()
+        expected, _ = single.train_round(start, round_index=0, local_steps=3)
+    finally:
+        torch.set_num_threads(threads)
+    for key in expected:
+        update, expected_update = uploaded[key] - start[key], expected[key] - start[key]
+        assert expected_update.abs().max() > 1e-3, key  # the round moved the projector
+        torch.testing.assert_close(update, expected_update, rtol=1e-4, atol=1e-6)
+
+
+def test_every_rank_exits_when_rank_0_cannot_reach_the_coordinator(processes, two_client_data: Path) -> None:
+    # The two ranks started by hand with torchrun's environment, to see each one's exit: torchrun
+    # would stop rank 1 itself once rank 0 failed, but not on another node.
+    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", **RANK_ENV}
+    argv = [sys.executable, "-m", "fedcmp.client", "--server", f"127.0.0.1:{_free_port()}",
+            "--data", str(two_client_data / "client_0"), "--threads", "1", "--no-progress", "--reconnect-budget", "1"]
+    ranks = [processes.launch(f"rank{rank}", argv, env={**rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)})
+             for rank in (0, 1)]
+    assert processes.wait(ranks[0]) == EXIT_UNAVAILABLE, ranks[0].log_path.read_text()[-3000:]
+    assert "unreachable" in ranks[0].log_path.read_text()
+    assert processes.wait(ranks[1], timeout=120) == 0, ranks[1].log_path.read_text()[-3000:]  # told to stop
