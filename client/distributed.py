@@ -198,12 +198,13 @@ class Leader:
             return LeaderSession(_distribute(session), self)
 
     def train_round(
-        self, session: LocalSession, global_params: dict[str, Tensor], round_index: int, local_steps: int
+        self, session: LocalSession, global_params: dict[str, Tensor], round_index: int, local_steps: int,
+        on_step: Callable[[int, float], None] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, float]]:
         assert self.group is not None
         with self._collective():
             self.group.broadcast(("train", global_params, round_index, local_steps))
-            return session.train_round(global_params, round_index, local_steps)
+            return session.train_round(global_params, round_index, local_steps, on_step)
 
     def stop(self) -> None:
         """Release the other ranks (done, or failed between rounds)."""
@@ -240,10 +241,15 @@ class LeaderSession:
     def evaluate(self, params: dict[str, Tensor]) -> dict[str, float]:
         return self.session.evaluate(params)  # rank 0 alone: the held-out split is small
 
+    def data_metrics(self) -> dict[str, float]:
+        return self.session.data_metrics()  # every rank scanned the same data
+
     def train_round(
-        self, global_params: dict[str, Tensor], round_index: int, local_steps: int
+        self, global_params: dict[str, Tensor], round_index: int, local_steps: int,
+        on_step: Callable[[int, float], None] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, float]]:
-        return self.leader.train_round(self.session, global_params, round_index, local_steps)
+        """Every rank trains the round; `on_step` (heartbeat, progress log) runs on rank 0."""
+        return self.leader.train_round(self.session, global_params, round_index, local_steps, on_step)
 
 
 @contextlib.contextmanager
