@@ -27,6 +27,13 @@ class Progress:
     step: int = 0
     total_steps: int = 0
     last_loss: float = math.nan
+    started: float = 0.0  # time.monotonic() when the coordinator handed out the task (0: unknown)
+
+    def eta_s(self, now: float) -> float:
+        """Seconds left at the pace so far ((now - started) / step per step to go); -1 while unknown."""
+        if self.step < 1 or self.total_steps < 1 or self.started <= 0:
+            return -1.0
+        return (now - self.started) / self.step * max(self.total_steps - self.step, 0)
 
 
 @dataclass

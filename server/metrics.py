@@ -70,7 +70,10 @@ class CoordinatorMetrics:
 
 
 class ClientsCollector(Collector):
-    """`fedcmp_client_last_seen_seconds{client}` and `fedcmp_client_state{client,state}`, from the live records."""
+    """Per-client series read from the live records at scrape time: `fedcmp_client_last_seen_seconds`,
+    `fedcmp_client_state{state}`, and the progress of a training client's task (`fedcmp_client_task_step`,
+    `fedcmp_client_task_total_steps`, `fedcmp_client_task_eta_seconds`; absent while unknown), as its heartbeats
+    report it (the client's own exporter, `--metrics-port`, has the same without the `client` label)."""
 
     def __init__(self, coordinator: Coordinator) -> None:
         self.coordinator = coordinator
@@ -80,8 +83,18 @@ class ClientsCollector(Collector):
         last_seen = GaugeMetricFamily("fedcmp_client_last_seen_seconds", "Seconds since the client last called",
                                       labels=["client"])
         state = GaugeMetricFamily("fedcmp_client_state", "1 for the client's current state", labels=["client", "state"])
+        step = GaugeMetricFamily("fedcmp_client_task_step", "Optimizer steps done in the client's training task",
+                                 labels=["client"])
+        total = GaugeMetricFamily("fedcmp_client_task_total_steps", "Steps the client's training task asks for",
+                                  labels=["client"])
+        eta = GaugeMetricFamily("fedcmp_client_task_eta_seconds", "Seconds left in the client's training task at its pace",
+                                labels=["client"])
         for client in list(self.coordinator.clients.values()):
             last_seen.add_metric([client.client_id], now - client.last_seen)
             state.add_metric([client.client_id, client.state], 1.0)
-        yield last_seen
-        yield state
+            if client.state == "training" and client.progress.total_steps:
+                step.add_metric([client.client_id], client.progress.step)
+                total.add_metric([client.client_id], client.progress.total_steps)
+                if (seconds := client.progress.eta_s(now)) >= 0:
+                    eta.add_metric([client.client_id], seconds)
+        yield from (last_seen, state, step, total, eta)

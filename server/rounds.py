@@ -169,8 +169,10 @@ class Coordinator:
         return client
 
     def heartbeat(self, client: ClientRecord, progress: Progress) -> None:
-        """A working client's progress; shown in status (no notification: watchers see it on the next change)."""
-        client.progress = progress
+        """A working client's progress; shown in status (no notification: watchers see it on the next change).
+        The task's start time stays the coordinator's own, so the ETA needs no client clock."""
+        started = client.progress.started if client.progress.round == progress.round else time.monotonic()
+        client.progress = replace(progress, started=started)
 
     # ---- liveness ---------------------------------------------------------------------------
     def live(self) -> set[str]:
@@ -211,7 +213,7 @@ class Coordinator:
         if self.phase is Phase.TRAINING and client.client_id in self.selected and client.client_id not in self.reported:
             client.state = "training"
             steps = self.recipe.local_steps_for(client.num_samples)
-            client.progress = Progress(round=self.round, total_steps=steps)
+            client.progress = Progress(round=self.round, total_steps=steps, started=time.monotonic())
             return TaskSpec("TRAIN", round=self.round, global_version=self.record.global_version, local_steps=steps)
         if self.phase is Phase.EVALUATING and client.client_id not in self.evaluations:
             client.state = "evaluating"

@@ -189,7 +189,7 @@ def status_message(coordinator: Coordinator) -> pb.Status:
         clients=[pb.ClientInfo(client_id=c.client_id, num_samples=c.num_samples, state=c.state,
                                last_seen_s=now - c.last_seen, backbones=backbones_message(c.backbones),
                                round=c.progress.round, step=c.progress.step, total_steps=c.progress.total_steps,
-                               last_loss=c.progress.last_loss)
+                               last_loss=c.progress.last_loss, eta_s=c.progress.eta_s(now))
                  for c in clients[:STATUS_CLIENTS]],
         clients_total=len(clients),
         selected=coordinator.selected[:STATUS_CLIENTS],

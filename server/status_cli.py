@@ -63,10 +63,11 @@ def render(status: pb.Status) -> str:
 
 
 def progress(client: pb.ClientInfo) -> str:
-    """A working client's last heartbeat: `   step 12/40 loss 2.3117`."""
+    """A working client's last heartbeat: `   step 12/40 loss 2.3117 eta 31s`."""
     if client.state != "training" or not client.total_steps:
         return ""
-    return f"   step {client.step}/{client.total_steps} loss {client.last_loss:.4f}"
+    eta = "" if client.eta_s < 0 else f" eta {client.eta_s:.0f}s"
+    return f"   step {client.step}/{client.total_steps} loss {client.last_loss:.4f}{eta}"
 
 
 def main(argv: list[str] | None = None) -> int:

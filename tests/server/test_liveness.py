@@ -170,8 +170,15 @@ def test_a_round_without_any_upload_reopens_with_the_live_clients(tmp_path, capl
         assert asyncio.run(scenario()).record.history[0]["clients"] == ["a"]
 
 
-def test_heartbeats_record_progress(tmp_path) -> None:
+def test_heartbeats_record_progress_and_the_eta_runs_on_the_coordinators_clock(tmp_path) -> None:
     coordinator = make_coordinator(tmp_path)
     client = ManualClient(coordinator, "a").call()
     coordinator.heartbeat(client, Progress(round=1, step=3, total_steps=10, last_loss=2.5))
-    assert client.progress == Progress(1, 3, 10, 2.5)
+    started = client.progress.started
+    assert client.progress == Progress(1, 3, 10, 2.5, started) and started > 0
+    # 3 of 10 steps in 6 s: 7 steps to go at 2 s each
+    assert client.progress.eta_s(started + 6.0) == pytest.approx(14.0)
+    coordinator.heartbeat(client, Progress(round=1, step=5, total_steps=10, last_loss=2.0))
+    assert client.progress.started == started  # the same task: its start stays
+    assert client.progress.eta_s(started + 10.0) == pytest.approx(10.0)
+    assert Progress(1, 0, 10).eta_s(started) == -1.0 and Progress(1, 3, 10).eta_s(started) == -1.0  # unknown

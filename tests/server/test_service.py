@@ -11,6 +11,7 @@ import pytest
 from fedcmp.common.wire import coordinator_pb2 as pb
 from fedcmp.common.wire import coordinator_pb2_grpc as pb_grpc
 from fedcmp.server import rounds
+from fedcmp.server.liveness import Progress
 from fedcmp.server.rounds import Coordinator
 from fedcmp.server.service import build_server, status_message
 from fedcmp.server.status_cli import render
@@ -34,6 +35,17 @@ def test_status_stays_under_the_receive_limit_whatever_clients_do(tmp_path) -> N
     assert status.ByteSize() < STATUS_RECEIVE_LIMIT / 4
     assert status.clients_total == 32_000 and len(status.clients) == 1000 and len(status.history) == 200
     assert "clients (32000, first 1000 shown)" in render(status)
+
+
+def test_status_shows_a_training_clients_progress_and_eta(tmp_path) -> None:
+    coordinator = make_coordinator(tmp_path)
+    client = ManualClient(coordinator, "a").call()
+    client.state = "training"
+    coordinator.heartbeat(client, Progress(round=1, step=12, total_steps=40, last_loss=2.3117))
+    client.progress.started -= 24.0  # 12 steps in 24 s: 28 to go at 2 s each
+    info = status_message(coordinator).clients[0]
+    assert (info.step, info.total_steps) == (12, 40) and 56.0 <= info.eta_s < 57.0
+    assert "step 12/40 loss 2.3117 eta 56s" in render(status_message(coordinator))
 
 
 def test_client_metric_names_never_overwrite_the_servers_round_fields(tmp_path) -> None:
