@@ -209,7 +209,7 @@ class ProjectorMLLM:
         length = int(caption_mask.sum(dim=1).max())
         caption_ids, caption_mask = caption_ids[:, :length], caption_mask[:, :length]  # [B, L], L = longest caption
         batch, patches = features.shape[:2]
-        prefix_ids = torch.tensor(self.template.prefix_ids, device=self.device).expand(batch, -1)  # [B, b], b = 0 or 1
+        prefix_ids = torch.tensor(self.template.prefix_ids, dtype=torch.long, device=self.device).expand(batch, -1)  # [B, b]
         head = prefix_ids.shape[1] + patches  # positions before the caption: BOS and image
         embed = self.llava.get_input_embeddings()
         with self._autocast():

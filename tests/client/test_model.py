@@ -98,7 +98,11 @@ def test_only_caption_tokens_are_supervised(model: ProjectorMLLM, scenes: Path) 
     torch.testing.assert_close(nll[1:2], alone)
 
 
-def test_caption_nll_equals_full_llava_forward(model: ProjectorMLLM, scenes: Path) -> None:
+@pytest.mark.parametrize("bos", [True, False], ids=["bos", "no-bos"])  # no BOS: GPT-2/Qwen-style tokenizers
+def test_caption_nll_equals_full_llava_forward(model: ProjectorMLLM, scenes: Path, bos: bool,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    if not bos:
+        monkeypatch.setattr(model.template, "prefix_ids", [])
     paths, captions = _batch(model, scenes, 4)
     captions[1] = "a red square"  # a shorter caption, so the batch is padded
     caption_ids, caption_mask = model.tokenize_captions(captions)
