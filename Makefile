@@ -23,7 +23,12 @@ $(STAMP): pyproject.toml
 proto: install
 	$(PY) -m fedcmp.common.protogen
 
+# The micro zoo is built (or found) before the suite, outside pytest's per-test timeout: a fresh
+# machine builds it once (minutes on 2 busy cores), then every test shares it.
+export FEDCMP_CACHE ?= $(HOME)/.cache/fedcmp
+
 test: install
+	$(PY) -c "from fedcmp.common.zoo import ensure_micro_zoo; print('micro zoo:', ensure_micro_zoo().root)"
 	$(PY) -m pytest -q
 
 demo: install
