@@ -1,0 +1,231 @@
+"""docs/PERFORMANCE.md from one `bench_system.py` run: the tables, and each issue-12 target met or missed.
+
+Every number in the document comes from the run that wrote it; the prose around the tables
+is fixed and names no figure of its own.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from bench_aggregation import Timings
+from system_run import RunResult
+
+MB = 1e6
+
+
+def projector_bytes(vision_hidden: int, text_hidden: int) -> int:
+    """float32 bytes of an mlp2x_gelu projector: linear_1 [text, vision] + [text], linear_2 [text, text] + [text]."""
+    return 4 * (text_hidden * vision_hidden + text_hidden + text_hidden * text_hidden + text_hidden)
+
+
+@dataclass(frozen=True)
+class SystemPair:
+    vision_hidden: int
+    text_hidden: int
+    fedcmp: RunResult
+    flower: RunResult
+
+    @property
+    def speedup(self) -> float:
+        return self.flower.round_s / self.fedcmp.round_s
+
+
+@dataclass(frozen=True)
+class Verdict:
+    target: str
+    measured: str
+    met: bool
+    margin: str
+
+
+@dataclass
+class Report:
+    machine: dict[str, str]
+    quick: bool
+    load_before: tuple[float, float, float]
+    load_after: tuple[float, float, float] = (math.nan,) * 3
+    wall_s: float = math.nan
+    aggregation: list[tuple[int, bool, Timings]] = field(default_factory=list)
+    pairs: list[SystemPair] = field(default_factory=list)
+    rss_run: RunResult | None = None
+    swarm_run: RunResult | None = None
+
+    # ---- targets ------------------------------------------------------------------------
+    def verdicts(self, projector: dict[str, int]) -> list[Verdict]:
+        size = projector_bytes(**projector)
+        big = [pair for pair in self.pairs if pair.text_hidden == projector["text_hidden"]]
+        found = []
+        for pair in big:
+            found.append(Verdict(f"round time >= 6x faster than Flower, K = {pair.fedcmp.clients}",
+                                 f"{pair.speedup:.2f}x", pair.speedup >= 6.0, _at_least(pair.speedup, 6.0)))
+        if big:
+            worst = max(big, key=lambda pair: pair.fedcmp.cpu_per_round_s / pair.fedcmp.clients)
+            per_client = worst.fedcmp.cpu_per_round_s / worst.fedcmp.clients
+            found.append(Verdict("server CPU per client per round <= 0.2 s (7B shape)",
+                                 f"{per_client:.2f} s (worst K, {worst.fedcmp.clients})", per_client <= 0.2,
+                                 _at_most(per_client, 0.2)))
+            largest = max(big, key=lambda pair: pair.fedcmp.clients)
+            share = largest.fedcmp.peak_rss_bytes / largest.flower.peak_rss_bytes
+            found.append(Verdict(f"server peak RSS <= 1/3 of Flower's SuperLink tree, K = {largest.fedcmp.clients}",
+                                 f"{share:.2f} of it", share <= 1 / 3, _at_most(share, 1 / 3)))
+        if self.rss_run is not None:
+            above = (self.rss_run.peak_rss_bytes - self.rss_run.baseline_rss_bytes) / size
+            found.append(Verdict(f"server peak RSS at K = {self.rss_run.clients} <= 4 projectors + a constant",
+                                 f"constant + {above:.1f} projectors", above <= 4.0, _at_most(above, 4.0)))
+        if self.swarm_run is not None and "status_p99_s" in self.swarm_run.notes:
+            p99_ms = 1e3 * self.swarm_run.notes["status_p99_s"]
+            found.append(Verdict(f"{self.swarm_run.clients} clients finish a round, status p99 < 50 ms",
+                                 f"round done; p99 {p99_ms:.0f} ms", p99_ms < 50.0, _at_most(p99_ms, 50.0)))
+        for clients, from_disk, timings in self.aggregation:
+            if clients == 16 and not from_disk:
+                found.append(Verdict("fedcmp aggregation <= 4x fedavg, K = 16, 7B shape",
+                                     f"{timings.ratio:.2f}x", timings.ratio <= 4.0, _at_most(timings.ratio, 4.0)))
+        return found
+
+    # ---- rendering ----------------------------------------------------------------------
+    def markdown(self, projector: dict[str, int]) -> str:
+        size = projector_bytes(**projector)
+        m = self.machine
+        lines = [
+            "# Performance: the coordinator against Flower, aggregation cost, memory, many clients",
+            "",
+            "Written by `make bench-system` (bench/bench_system.py); every figure below is from the one run",
+            f"that wrote this file: {m['date']}, commit {m['commit']}, {m['cpus']} CPU cores, Python {m['python']},",
+            f"torch {m['torch']}, Flower {m['flower']}, {self.wall_s / 60:.1f} min in all.",
+            f"Load average (1/5/15 min) {_load(self.load_before)} at the start, {_load(self.load_after)} at the end.",
+        ]
+        if max(self.load_before[0], self.load_after[0]) > float(m["cpus"]):
+            lines += ["**The machine was shared with other work while this ran** (load above its core count), so",
+                      "absolute times are slower and noisier than on a quiet machine: compare the two systems",
+                      "within one row (they ran back to back under the same load), not rows of different runs."]
+        if self.quick:
+            lines += ["", "**--quick run: tiny sizes that only check the harness; these numbers mean nothing.**"]
+        lines += ["", "## Targets (issue 12)", "", "| target | measured | met | margin |", "|---|---|---|---|"]
+        lines += [f"| {v.target} | {v.measured} | {'yes' if v.met else '**no**'} | {v.margin} |"
+                  for v in self.verdicts(projector)]
+        lines += ["", *self._system_section(size), "", *self._aggregation_section(),
+                  "", *self._rss_section(size), "", *self._swarm_section(), "", *METHOD]
+        return "\n".join(lines) + "\n"
+
+    def summary(self, projector: dict[str, int]) -> str:
+        return "\n".join(f"{'met   ' if v.met else 'MISSED'} {v.target}: {v.measured} ({v.margin})"
+                         for v in self.verdicts(projector))
+
+    def _system_section(self, size: int) -> list[str]:
+        lines = [
+            "## One round, K no-op clients: fedcmp vs Flower",
+            "",
+            "Each client downloads the global projector, adds Gaussian noise to every value and uploads the",
+            "result; both servers run FedAvg. fedcmp: `fedcmp-server` and one bench/noop_client.py process",
+            "per client (the real client daemon and wire, no backbones). Flower: `flower-superlink`, one",
+            "`flower-supernode` per client and `flwr run bench/flower_app` (Flower's FedAvg, NumPy arrays).",
+            "Round: from the server handing out round r until round r's aggregate exists; the mean of the",
+            "rounds run. Server CPU and RSS: the server's process tree (Flower: SuperLink, SuperExec and",
+            "the ServerApp process) sampled from /proc every 0.1 s; RSS is the tree's peak.",
+            "",
+            "| projector | K | fedcmp round | Flower round | Flower / fedcmp | fedcmp server CPU / round "
+            "| Flower server CPU / round | fedcmp CPU / client / round | fedcmp peak RSS | Flower peak RSS |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for pair in self.pairs:
+            ours, theirs = pair.fedcmp, pair.flower
+            label = f"{projector_bytes(pair.vision_hidden, pair.text_hidden) / MB:.1f} MB"
+            lines.append(
+                f"| {label} | {ours.clients} | {ours.round_s:.2f} s | {theirs.round_s:.2f} s | {pair.speedup:.2f}x "
+                f"| {ours.cpu_per_round_s:.2f} s | {theirs.cpu_per_round_s:.2f} s "
+                f"| {ours.cpu_per_round_s / ours.clients:.3f} s | {ours.peak_rss_bytes / MB:.0f} MB "
+                f"| {theirs.peak_rss_bytes / MB:.0f} MB |")
+        lines += ["", "Rounds one by one (seconds):", ""]
+        lines += [f"- {pair.fedcmp.clients} x {projector_bytes(pair.vision_hidden, pair.text_hidden) / MB:.1f} MB: "
+                  f"fedcmp {_each(pair.fedcmp)}; Flower {_each(pair.flower)}" for pair in self.pairs]
+        return lines
+
+    def _aggregation_section(self) -> list[str]:
+        lines = [
+            "## Aggregation: fedcmp vs fedavg at the 7B shape",
+            "",
+            "bench/bench_aggregation.py's synthetic round (shared low-rank drift + client low-rank part +",
+            "noise), both strategies interleaved in one process, best of the repeats after a warm-up run.",
+            "From disk: the updates are safetensors files read through the coordinator's own",
+            "`SpilledUpdates`, one per access (page cache), as the server aggregates.",
+            "",
+            "| K | updates | repeats | fedavg best | fedcmp best | fedcmp / fedavg |",
+            "|---|---|---|---|---|---|",
+        ]
+        for clients, from_disk, timings in self.aggregation:
+            lines.append(f"| {clients} | {'from disk' if from_disk else 'in memory'} | {len(timings.fedavg)} "
+                         f"| {min(timings.fedavg):.3f} s | {min(timings.fedcmp):.3f} s | {timings.ratio:.2f}x |")
+        return lines
+
+    def _rss_section(self, size: int) -> list[str]:
+        run = self.rss_run
+        if run is None:
+            return []
+        lines = [
+            f"## Server memory with {run.clients} clients",
+            "",
+            f"{run.clients} no-op clients of the {size / MB:.1f} MB projector through one fedcmp round (FedAvg),",
+            "16 clients per process with at most 4 of them holding a projector at once (so that the",
+            "clients fit in this machine's memory; the server still receives all uploads of the round).",
+            "The start is the server's RSS once it serves, before any client comes (the target's constant);",
+            "the smallest-K round of the system table, same projector, shows what grows with K.",
+            "",
+            "| clients | server RSS at start | peak RSS | peak above the start | in projectors | round | CPU / client |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        small = min((pair.fedcmp for pair in self.pairs if projector_bytes(pair.vision_hidden, pair.text_hidden) == size),
+                    key=lambda result: result.clients, default=None)
+        for result in ([small] if small is not None else []) + [run]:
+            above = result.peak_rss_bytes - result.baseline_rss_bytes
+            lines.append(
+                f"| {result.clients} | {result.baseline_rss_bytes / MB:.0f} MB | {result.peak_rss_bytes / MB:.0f} MB "
+                f"| {above / MB:.0f} MB | {above / size:.1f} | {result.round_s:.1f} s "
+                f"| {result.cpu_per_round_s / result.clients:.3f} s |")
+        return lines
+
+    def _swarm_section(self) -> list[str]:
+        run = self.swarm_run
+        if run is None:
+            return []
+        notes = run.notes
+        return [
+            f"## {run.clients} clients in one round, status latency",
+            "",
+            f"{run.clients} no-op clients of the small projector (32 client threads per process) through one",
+            "round; meanwhile a separate client calls GetStatus every 20 ms and times each call while the",
+            "round is in TRAINING (downloads and uploads streaming).",
+            "",
+            "| clients | round | GetStatus calls | p50 | p99 | max | server peak RSS |",
+            "|---|---|---|---|---|---|---|",
+            f"| {run.clients} | {run.round_s:.2f} s | {int(notes.get('status_calls', 0))} "
+            f"| {1e3 * notes.get('status_p50_s', math.nan):.1f} ms | {1e3 * notes.get('status_p99_s', math.nan):.1f} ms "
+            f"| {1e3 * notes.get('status_max_s', math.nan):.1f} ms | {run.peak_rss_bytes / MB:.0f} MB |",
+        ]
+
+
+METHOD = [
+    "## How to read and reproduce",
+    "",
+    "`make bench-system` installs both environments (fedcmp's `.venv`, and `.venv-flower` with the",
+    "Flower App's pinned `flwr`) and runs `bench/bench_system.py --flower-venv .venv-flower`, which",
+    "rewrites this file. `python bench/bench_system.py --flower-venv .venv-flower --quick --out /tmp/p.md`",
+    "checks the harness with tiny sizes. All servers and clients bind 127.0.0.1 and are stopped",
+    "when their run ends.",
+]
+
+
+def _at_least(value: float, target: float) -> str:
+    return f"{value / target:.2f}x the target" if value >= target else f"short by {target / value:.2f}x"
+
+
+def _at_most(value: float, limit: float) -> str:
+    return f"{value / limit:.2f} of the limit" if value <= limit else f"over by {value / limit:.2f}x"
+
+
+def _load(load: tuple[float, float, float]) -> str:
+    return "/".join(f"{value:.1f}" for value in load)
+
+
+def _each(run: RunResult) -> str:
+    return ", ".join(f"{r.seconds:.2f}" for r in run.rounds)

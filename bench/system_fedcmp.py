@@ -1,0 +1,149 @@
+"""One fedcmp federation for the system benchmark: a real `fedcmp-server` and K no-op clients.
+
+The server runs FedAvg for R rounds (the clients' work is the same whatever the strategy) as
+its users start it, from the console script; the clients are bench/noop_client.py processes.
+The benchmark follows the run through the server's WatchStatus stream (round r starts when
+status first says TRAINING round r, ends when round r is in the history) and, optionally,
+times GetStatus calls while uploads stream.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from fedcmp.common.wire import coordinator_pb2 as pb
+from fedcmp.common.wire import coordinator_pb2_grpc as pb_grpc
+from proc_sampler import TreeSampler
+from system_run import Launcher, Round, RunResult, measured, wait_until
+
+BIN = Path(sys.executable).parent
+NOOP_CLIENT = Path(__file__).with_name("noop_client.py")
+
+
+@dataclass(frozen=True)
+class Workload:
+    clients: int
+    rounds: int
+    vision_hidden: int = 1024
+    text_hidden: int = 4096
+    clients_per_process: int = 1
+    max_active: int = 0  # per client process; 0: all of its clients at once
+
+
+class RoundWatcher:
+    """Stamps round starts and ends from the server's WatchStatus stream, in a thread."""
+
+    def __init__(self, address: str, rounds: int) -> None:
+        self.rounds = rounds
+        self.starts: dict[int, float] = {}
+        self.ends: dict[int, float] = {}
+        self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
+        self.thread = threading.Thread(target=self._follow, name="round-watcher", daemon=True)
+        self.thread.start()
+
+    def _follow(self) -> None:
+        stub = pb_grpc.CoordinatorStub(self.channel)
+        try:
+            for status in stub.WatchStatus(pb.StatusRequest(), wait_for_ready=True):
+                now = time.time()
+                if status.phase == "TRAINING":
+                    self.starts.setdefault(status.round, now)
+                for row in status.history:
+                    self.ends.setdefault(row.round, now)
+        except grpc.RpcError:
+            pass  # the server stopped: the stream ends
+
+    def in_training(self) -> bool:
+        return any(r in self.starts and r not in self.ends for r in range(1, self.rounds + 1))
+
+    def done(self) -> bool:
+        return len(self.ends) >= self.rounds
+
+    def timed_rounds(self) -> list[Round]:
+        return [Round(r, self.starts[r], self.ends[r]) for r in sorted(self.ends) if r in self.starts]
+
+    def close(self) -> None:
+        self.channel.close()
+        self.thread.join(timeout=5)
+
+
+class StatusProbe:
+    """Calls GetStatus every `interval_s` while a round trains and keeps each call's latency."""
+
+    def __init__(self, address: str, watcher: RoundWatcher, interval_s: float) -> None:
+        self.watcher = watcher
+        self.interval_s = interval_s
+        self.latencies: list[float] = []
+        self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._probe, name="status-probe", daemon=True)
+        self.thread.start()
+
+    def _probe(self) -> None:
+        stub = pb_grpc.CoordinatorStub(self.channel)
+        while not self.stop.wait(self.interval_s):
+            if not self.watcher.in_training():
+                continue
+            start = time.perf_counter()
+            try:
+                stub.GetStatus(pb.StatusRequest(), timeout=30)
+            except grpc.RpcError:
+                continue
+            self.latencies.append(time.perf_counter() - start)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=35)
+        self.channel.close()
+
+    def percentile(self, q: float) -> float:
+        return statistics.quantiles(self.latencies, n=1000, method="inclusive")[round(q * 1000) - 1]
+
+
+def run_fedcmp(workload: Workload, workdir: Path, probe_interval_s: float = 0.0, timeout_s: float = 900) -> RunResult:
+    """Run the federation to DONE; with `probe_interval_s` > 0 also time GetStatus during training."""
+    launcher = Launcher(workdir / "logs")
+    port_file = workdir / "server.port"
+    try:
+        server = launcher.start("server", [
+            str(BIN / "fedcmp-server"), "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
+            "--state-dir", str(workdir / "state"), "--strategy", "fedavg", "--rounds", str(workload.rounds),
+            "--min-clients", str(workload.clients), "--local-steps", "1", "--round-timeout", str(timeout_s),
+            "--linger", "30"])
+        wait_until(lambda: port_file.exists() and port_file.read_text().strip() != "" or server.poll() is not None,
+                   60, "fedcmp-server did not start")
+        if server.poll() is not None:
+            raise RuntimeError(f"fedcmp-server exited: {launcher.log_tail('server')}")
+        address = f"127.0.0.1:{port_file.read_text().strip()}"
+        with TreeSampler(server.pid) as sampler:
+            watcher = RoundWatcher(address, workload.rounds)
+            probe = StatusProbe(address, watcher, probe_interval_s) if probe_interval_s > 0 else None
+            clients = [launcher.start(f"clients-{first}", [
+                sys.executable, str(NOOP_CLIENT), "--server", address, "--prefix", "site", "--first", str(first),
+                "--clients", str(min(workload.clients_per_process, workload.clients - first)),
+                "--max-active", str(workload.max_active), "--vision-hidden", str(workload.vision_hidden),
+                "--text-hidden", str(workload.text_hidden)])
+                for first in range(0, workload.clients, workload.clients_per_process)]
+            wait_until(lambda: watcher.done() or server.poll() is not None, timeout_s,
+                       f"fedcmp with {workload.clients} clients did not finish {workload.rounds} rounds", 0.2)
+            server.wait(timeout=120)  # DONE, then every client told so (--linger)
+            failed = sum(1 for client in clients if client.wait(timeout=120) != 0)
+            if probe is not None:
+                probe.close()
+            watcher.close()
+        if failed or server.returncode != 0:
+            raise RuntimeError(f"fedcmp run failed ({failed} client processes, server {server.returncode}): "
+                               f"{launcher.log_tail('server')}")
+        result = measured("fedcmp", workload.clients, watcher.timed_rounds(), sampler)
+        if probe is not None and probe.latencies:
+            result.notes |= {"status_calls": len(probe.latencies), "status_p50_s": probe.percentile(0.5),
+                             "status_p99_s": probe.percentile(0.99), "status_max_s": max(probe.latencies)}
+        return result
+    finally:
+        launcher.stop_all()
