@@ -19,6 +19,7 @@ import hashlib
 import logging
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -59,9 +60,9 @@ class NoopSession:
     def evaluate(self, params: dict[str, Tensor]) -> dict[str, float]:
         return {"val_loss": 0.0}
 
-    def train_round(self, global_params: dict[str, Tensor], round_index: int,
-                    local_steps: int) -> tuple[dict[str, Tensor], dict[str, float]]:
-        """global + N(0, NOISE_SCALE^2) per value, seeded by (client, round)."""
+    def train_round(self, global_params: dict[str, Tensor], round_index: int, local_steps: int,
+                    on_step: Callable[[int, float], None] | None = None) -> tuple[dict[str, Tensor], dict[str, float]]:
+        """global + N(0, NOISE_SCALE^2) per value, seeded by (client, round); no steps to report."""
         generator = torch.Generator().manual_seed(self.seed * 100_003 + round_index)
         noisy = {key: value + NOISE_SCALE * torch.randn(value.shape, generator=generator)
                  for key, value in global_params.items()}
@@ -73,9 +74,9 @@ class GatedDaemon(ClientDaemon):
     and which drops its copy of the global afterwards (a real client keeps one; 64 threads
     of one process cannot)."""
 
-    def train(self, task) -> None:  # task: pb.Task
+    def train(self, task, heartbeat) -> None:  # pb.Task, client.heartbeat.Heartbeat (beating while it waits)
         with self.session.gate:
-            super().train(task)
+            super().train(task, heartbeat)
             self._global = None
 
 

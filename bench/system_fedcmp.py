@@ -4,7 +4,8 @@ The server runs FedAvg for R rounds (the clients' work is the same whatever the 
 its users start it, from the console script; the clients are bench/noop_client.py processes.
 The benchmark follows the run through the server's WatchStatus stream (round r starts when
 status first says TRAINING round r, ends when round r is in the history) and, optionally,
-times GetStatus calls while uploads stream.
+times GetStatus calls from a bench/status_probe.py process; the calls answered in TRAINING
+are those made while downloads and uploads stream.
 """
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ import grpc
 from fedcmp.common.wire import coordinator_pb2 as pb
 from fedcmp.common.wire import coordinator_pb2_grpc as pb_grpc
 from proc_sampler import TreeSampler
+from status_probe import Call, read_calls
 from system_run import Launcher, Round, RunResult, measured, wait_until
 
 BIN = Path(sys.executable).parent
 NOOP_CLIENT = Path(__file__).with_name("noop_client.py")
+STATUS_PROBE = Path(__file__).with_name("status_probe.py")
 
 
 @dataclass(frozen=True)
@@ -59,9 +62,6 @@ class RoundWatcher:
         except grpc.RpcError:
             pass  # the server stopped: the stream ends
 
-    def in_training(self) -> bool:
-        return any(r in self.starts and r not in self.ends for r in range(1, self.rounds + 1))
-
     def done(self) -> bool:
         return len(self.ends) >= self.rounds
 
@@ -73,43 +73,26 @@ class RoundWatcher:
         self.thread.join(timeout=5)
 
 
-class StatusProbe:
-    """Calls GetStatus every `interval_s` while a round trains and keeps each call's latency."""
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0 < q < 1), interpolated between the nearest values."""
+    return statistics.quantiles(values, n=1000, method="inclusive")[round(q * 1000) - 1]
 
-    def __init__(self, address: str, watcher: RoundWatcher, interval_s: float) -> None:
-        self.watcher = watcher
-        self.interval_s = interval_s
-        self.latencies: list[float] = []
-        self.channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._probe, name="status-probe", daemon=True)
-        self.thread.start()
 
-    def _probe(self) -> None:
-        stub = pb_grpc.CoordinatorStub(self.channel)
-        while not self.stop.wait(self.interval_s):
-            if not self.watcher.in_training():
-                continue
-            start = time.perf_counter()
-            try:
-                stub.GetStatus(pb.StatusRequest(), timeout=30)
-            except grpc.RpcError:
-                continue
-            self.latencies.append(time.perf_counter() - start)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=35)
-        self.channel.close()
-
-    def percentile(self, q: float) -> float:
-        return statistics.quantiles(self.latencies, n=1000, method="inclusive")[round(q * 1000) - 1]
+def status_notes(calls: list[Call]) -> dict[str, float]:
+    """Latency of the GetStatus calls answered while a round trained (uploads and downloads streaming)."""
+    training = [call.seconds for call in calls if call.phase == "TRAINING"]
+    notes = {"status_calls_all": float(len(calls)), "status_calls": float(len(training))}
+    if len(training) >= 2:
+        notes |= {"status_p50_s": percentile(training, 0.5), "status_p99_s": percentile(training, 0.99),
+                  "status_max_s": max(training)}
+    return notes
 
 
 def run_fedcmp(workload: Workload, workdir: Path, probe_interval_s: float = 0.0, timeout_s: float = 900) -> RunResult:
     """Run the federation to DONE; with `probe_interval_s` > 0 also time GetStatus during training."""
     launcher = Launcher(workdir / "logs")
     port_file = workdir / "server.port"
+    probe_file = workdir / "status-calls.txt"
     try:
         server = launcher.start("server", [
             str(BIN / "fedcmp-server"), "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
@@ -123,27 +106,31 @@ def run_fedcmp(workload: Workload, workdir: Path, probe_interval_s: float = 0.0,
         address = f"127.0.0.1:{port_file.read_text().strip()}"
         with TreeSampler(server.pid) as sampler:
             watcher = RoundWatcher(address, workload.rounds)
-            probe = StatusProbe(address, watcher, probe_interval_s) if probe_interval_s > 0 else None
+            if probe_interval_s > 0:
+                launcher.start("status-probe", [sys.executable, str(STATUS_PROBE), "--server", address,
+                                                "--interval", str(probe_interval_s), "--out", str(probe_file)])
             clients = [launcher.start(f"clients-{first}", [
                 sys.executable, str(NOOP_CLIENT), "--server", address, "--prefix", "site", "--first", str(first),
                 "--clients", str(min(workload.clients_per_process, workload.clients - first)),
                 "--max-active", str(workload.max_active), "--vision-hidden", str(workload.vision_hidden),
                 "--text-hidden", str(workload.text_hidden)])
                 for first in range(0, workload.clients, workload.clients_per_process)]
-            wait_until(lambda: watcher.done() or server.poll() is not None, timeout_s,
+            wait_until(lambda: watcher.done() or server.poll() is not None
+                       or all(client.poll() is not None for client in clients), timeout_s,
                        f"fedcmp with {workload.clients} clients did not finish {workload.rounds} rounds", 0.2)
-            server.wait(timeout=120)  # DONE, then every client told so (--linger)
-            failed = sum(1 for client in clients if client.wait(timeout=120) != 0)
-            if probe is not None:
-                probe.close()
+            if watcher.done():
+                server.wait(timeout=120)  # DONE, then every client told so (--linger)
+                for client in clients:
+                    client.wait(timeout=120)
             watcher.close()
-        if failed or server.returncode != 0:
-            raise RuntimeError(f"fedcmp run failed ({failed} client processes, server {server.returncode}): "
-                               f"{launcher.log_tail('server')}")
+        failed = [index for index, client in enumerate(clients) if client.poll() != 0]
+        if failed or server.poll() != 0:
+            first = failed[0] * workload.clients_per_process if failed else 0
+            raise RuntimeError(f"fedcmp run failed ({len(failed)} client processes, server {server.poll()}): "
+                               f"{launcher.log_tail('server')}\n{launcher.log_tail(f'clients-{first}')}")
         result = measured("fedcmp", workload.clients, watcher.timed_rounds(), sampler)
-        if probe is not None and probe.latencies:
-            result.notes |= {"status_calls": len(probe.latencies), "status_p50_s": probe.percentile(0.5),
-                             "status_p99_s": probe.percentile(0.99), "status_max_s": max(probe.latencies)}
+        if probe_interval_s > 0:
+            result.notes |= status_notes(read_calls(probe_file))
         return result
     finally:
         launcher.stop_all()

@@ -5,7 +5,8 @@ import json
 from pathlib import Path
 
 import noop_client
-from system_fedcmp import Workload, run_fedcmp
+from status_probe import Call, read_calls
+from system_fedcmp import Workload, run_fedcmp, status_notes
 
 
 def test_noop_clients_go_through_every_round(tmp_path: Path) -> None:
@@ -15,6 +16,7 @@ def test_noop_clients_go_through_every_round(tmp_path: Path) -> None:
     assert all(r.end >= r.start for r in result.rounds) and result.rounds[1].start >= result.rounds[0].end
     assert len(result.server_cpu_s) == 2 and all(cpu >= 0 for cpu in result.server_cpu_s)
     assert result.peak_rss_bytes >= result.baseline_rss_bytes > 0
+    assert result.notes["status_calls_all"] >= 1  # the probe process timed calls until DONE
     lines = (tmp_path / "state" / "metrics.jsonl").read_text().splitlines()
     rounds = [row for row in map(json.loads, lines) if row["event"] == "round"]
     assert [row["participants"] for row in rounds] == [3, 3]
@@ -25,3 +27,13 @@ def test_noop_client_without_a_coordinator_fails(caplog) -> None:
     assert noop_client.main(["--server", "127.0.0.1:9", "--reconnect-budget", "0.5",
                              "--vision-hidden", "8", "--text-hidden", "16"]) == 1
     assert "noop-0000 failed" in caplog.text
+
+
+def test_status_latency_counts_only_calls_made_while_training(tmp_path: Path) -> None:
+    calls = tmp_path / "calls.txt"
+    calls.write_text("0.500 WAITING\n" + "".join(f"0.0{k} TRAINING\n" for k in range(1, 10)) + "0.9 AGGREG")
+    read = read_calls(calls)
+    assert len(read) == 10 and read[0] == Call(0.5, "WAITING")  # the unfinished last line is left out
+    notes = status_notes(read)
+    assert notes["status_calls"] == 9 and notes["status_calls_all"] == 10
+    assert notes["status_p50_s"] == 0.05 and notes["status_max_s"] == 0.09 and 0.08 < notes["status_p99_s"] <= 0.09
