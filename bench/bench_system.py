@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -107,6 +108,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("docs/PERFORMANCE.md"))
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks the harness, numbers mean nothing")
     args = parser.parse_args()
+    # A stopped benchmark still ends what it started: SIGTERM unwinds through the runners' `finally`.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     args.flower_venv = args.flower_venv.resolve()  # Flower's commands run from each run's work directory
     if not (args.flower_venv / "bin" / "flower-superlink").exists():
         print(f"bench_system: {args.flower_venv} has no flower-superlink; run `make bench-system`", file=sys.stderr)

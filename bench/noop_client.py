@@ -62,11 +62,14 @@ class NoopSession:
 
     def train_round(self, global_params: dict[str, Tensor], round_index: int, local_steps: int,
                     on_step: Callable[[int, float], None] | None = None) -> tuple[dict[str, Tensor], dict[str, float]]:
-        """global + N(0, NOISE_SCALE^2) per value, seeded by (client, round); no steps to report."""
+        """global + N(0, NOISE_SCALE^2) per value, seeded by (client, round); no steps to report.
+
+        Counts the samples a real LocalSession would have seen (local steps x batch size): the
+        coordinator refuses an upload claiming more."""
         generator = torch.Generator().manual_seed(self.seed * 100_003 + round_index)
         noisy = {key: value + NOISE_SCALE * torch.randn(value.shape, generator=generator)
                  for key, value in global_params.items()}
-        return noisy, {"train_loss": 0.0, "samples": float(self.num_train_samples)}
+        return noisy, {"train_loss": 0.0, "samples": float(local_steps * self.recipe.batch_size)}
 
 
 class GatedDaemon(ClientDaemon):
