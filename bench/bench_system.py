@@ -5,7 +5,8 @@ Measures, in one run on this machine (issue 12's targets):
    projector (mlp2x_gelu 1024 -> 4096 -> 4096, float32, 84 MB) through a real `fedcmp-server`
    and through Flower's SuperLink + SuperNodes + `flwr run` (bench/flower_app), side by side for
    each K: round time, server CPU per round, server peak RSS; plus a small-projector round of
-   both, which shows each system's floor when the bytes cost nothing.
+   both, which shows each system's floor when the bytes cost nothing, and fedcmp at the largest
+   K with `wire_dtype: bfloat16` (half the bytes).
 2. Aggregation time of fedavg vs fedcmp at the 7B shape (bench_aggregation.py).
 3. The server's peak RSS with 64 such clients in a round, against one projector's size.
 4. 256 small-projector clients through one round, timing GetStatus while the uploads stream.
@@ -47,14 +48,15 @@ class Plan:
     aggregation_shape_scale: int  # 1: the 7B shape; the quick plan shrinks it
     rss_clients: int
     swarm_clients: int
+    bf16_clients: int  # a fedcmp run with wire_dtype bfloat16 at the plan's projector
 
 
 FULL = Plan(system_clients=(4, 8, 16), rounds=2, projector={"vision_hidden": 1024, "text_hidden": 4096},
             aggregation=((4, False, 3), (16, False, 3), (64, True, 1)), aggregation_shape_scale=1,
-            rss_clients=64, swarm_clients=256)
+            rss_clients=64, swarm_clients=256, bf16_clients=16)
 QUICK = Plan(system_clients=(2, 3), rounds=2, projector={"vision_hidden": 64, "text_hidden": 512},
              aggregation=((2, False, 1), (4, True, 1)), aggregation_shape_scale=8,
-             rss_clients=4, swarm_clients=16)
+             rss_clients=4, swarm_clients=16, bf16_clients=3)
 
 
 def log(message: str) -> None:
@@ -121,6 +123,9 @@ def main() -> int:
         workdir = Path(folder)
         report.aggregation = aggregation_timings(plan)
         report.pairs = system_pairs(plan, workdir, args.flower_venv)
+        log(f"fedcmp: {plan.bf16_clients} clients, projector {plan.projector}, bfloat16 on the wire")
+        report.bf16_run = run_fedcmp(Workload(plan.bf16_clients, plan.rounds, wire_dtype="bfloat16", **plan.projector),
+                                     workdir / "fedcmp-bf16")
         log(f"fedcmp: {plan.rss_clients} clients, projector {plan.projector}, one round")
         report.rss_run = run_fedcmp(Workload(plan.rss_clients, 1, clients_per_process=16, max_active=4,
                                              **plan.projector), workdir / "fedcmp-rss")

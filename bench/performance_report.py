@@ -48,6 +48,7 @@ class Report:
     wall_s: float = math.nan
     aggregation: list[tuple[int, bool, Timings]] = field(default_factory=list)
     pairs: list[SystemPair] = field(default_factory=list)
+    bf16_run: RunResult | None = None
     rss_run: RunResult | None = None
     swarm_run: RunResult | None = None
 
@@ -136,9 +137,24 @@ class Report:
                 f"| {ours.cpu_per_round_s:.2f} s | {theirs.cpu_per_round_s:.2f} s "
                 f"| {ours.cpu_per_round_s / ours.clients:.3f} s | {ours.peak_rss_bytes / MB:.0f} MB "
                 f"| {theirs.peak_rss_bytes / MB:.0f} MB |")
+        if self.bf16_run is not None:
+            run = self.bf16_run
+            same = [pair for pair in self.pairs if pair.fedcmp.clients == run.clients
+                    and projector_bytes(pair.vision_hidden, pair.text_hidden) == size]
+            lines += ["", f"fedcmp with `wire_dtype: bfloat16` (half the bytes both ways; the server aggregates in",
+                      "float32), same projector; the float32 rows above for comparison:", "",
+                      "| K | wire | fedcmp round | Flower round (float32) | Flower / fedcmp | server CPU / round "
+                      "| CPU / client / round | peak RSS |", "|---|---|---|---|---|---|---|---|"]
+            for wire, ours in [("float32", pair.fedcmp) for pair in same] + [("bfloat16", run)]:
+                flower = same[0].flower.round_s if same else math.nan
+                lines.append(f"| {ours.clients} | {wire} | {ours.round_s:.2f} s | {flower:.2f} s "
+                             f"| {flower / ours.round_s:.2f}x | {ours.cpu_per_round_s:.2f} s "
+                             f"| {ours.cpu_per_round_s / ours.clients:.3f} s | {ours.peak_rss_bytes / MB:.0f} MB |")
         lines += ["", "Rounds one by one (seconds):", ""]
         lines += [f"- {pair.fedcmp.clients} x {projector_bytes(pair.vision_hidden, pair.text_hidden) / MB:.1f} MB: "
                   f"fedcmp {_each(pair.fedcmp)}; Flower {_each(pair.flower)}" for pair in self.pairs]
+        if self.bf16_run is not None:
+            lines.append(f"- {self.bf16_run.clients} x {size / MB:.1f} MB, bfloat16 wire: fedcmp {_each(self.bf16_run)}")
         return lines
 
     def _aggregation_section(self) -> list[str]:

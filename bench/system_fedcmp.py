@@ -37,6 +37,7 @@ class Workload:
     text_hidden: int = 4096
     clients_per_process: int = 1
     max_active: int = 0  # per client process; 0: all of its clients at once
+    wire_dtype: str = "float32"  # the recipe's projector dtype on the wire, both ways
 
 
 class RoundWatcher:
@@ -93,12 +94,14 @@ def run_fedcmp(workload: Workload, workdir: Path, probe_interval_s: float = 0.0,
     launcher = Launcher(workdir / "logs")
     port_file = workdir / "server.port"
     probe_file = workdir / "status-calls.txt"
+    recipe = workdir / "recipe.yaml"
+    recipe.write_text(f"wire_dtype: {workload.wire_dtype}\n")
     try:
         server = launcher.start("server", [
             str(BIN / "fedcmp-server"), "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
-            "--state-dir", str(workdir / "state"), "--strategy", "fedavg", "--rounds", str(workload.rounds),
-            "--min-clients", str(workload.clients), "--local-steps", "1", "--round-timeout", str(timeout_s),
-            "--linger", "30"])
+            "--state-dir", str(workdir / "state"), "--config", str(recipe), "--strategy", "fedavg",
+            "--rounds", str(workload.rounds), "--min-clients", str(workload.clients), "--local-steps", "1",
+            "--round-timeout", str(timeout_s), "--linger", "30"])
         wait_until(lambda: port_file.exists() and port_file.read_text().strip() != "" or server.poll() is not None,
                    60, "fedcmp-server did not start")
         if server.poll() is not None:

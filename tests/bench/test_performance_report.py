@@ -25,6 +25,7 @@ def report(speedup: float, cpu_per_client: float, rss_share: float, projectors_a
     result.swarm_run = run("fedcmp", 256, 5.0, 5.0, 4e8, status_p99_s=p99_s, status_calls=100.0,
                            status_p50_s=0.01, status_max_s=p99_s)
     result.aggregation = [(16, False, Timings([1.0, 1.1], [aggregation_ratio, 9.0]))]
+    result.bf16_run = run("fedcmp", 16, 0.5, 8 * cpu_per_client, 1e9)
     return result
 
 
@@ -53,3 +54,9 @@ def test_memory_table_sets_the_64_client_round_against_the_smallest_k() -> None:
     rows = [line for line in memory.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [row.split(" | ")[0] for row in rows] == ["| 16", "| 64"]
     assert "| 3.5 |" in rows[1]  # peak above the start, in projectors
+
+
+def test_bfloat16_run_is_set_beside_the_float32_round_of_the_same_k() -> None:
+    text = report(7.0, 0.1, 0.25, 3.5, 0.03, 3.0).markdown(PROJECTOR)
+    assert "| 16 | float32 | 1.00 s | 7.00 s | 7.00x |" in text
+    assert "| 16 | bfloat16 | 0.50 s | 7.00 s | 14.00x |" in text

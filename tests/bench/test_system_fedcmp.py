@@ -10,8 +10,10 @@ from system_fedcmp import Workload, run_fedcmp, status_notes
 
 
 def test_noop_clients_go_through_every_round(tmp_path: Path) -> None:
-    result = run_fedcmp(Workload(clients=3, rounds=2, vision_hidden=8, text_hidden=16, clients_per_process=2),
-                        tmp_path, probe_interval_s=0.01, timeout_s=120)
+    workload = Workload(clients=3, rounds=2, vision_hidden=8, text_hidden=16, clients_per_process=2,
+                        wire_dtype="bfloat16")
+    result = run_fedcmp(workload, tmp_path, probe_interval_s=0.01, timeout_s=120)
+    assert json.loads((tmp_path / "state" / "recipe.json").read_text())["wire_dtype"] == "bfloat16"
     assert [r.index for r in result.rounds] == [1, 2]
     assert all(r.end >= r.start for r in result.rounds) and result.rounds[1].start >= result.rounds[0].end
     assert len(result.server_cpu_s) == 2 and all(cpu >= 0 for cpu in result.server_cpu_s)
