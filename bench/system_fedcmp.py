@@ -9,6 +9,7 @@ are those made while downloads and uploads stream.
 """
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import threading
@@ -107,7 +108,7 @@ def run_fedcmp(workload: Workload, workdir: Path, probe_interval_s: float = 0.0,
         if server.poll() is not None:
             raise RuntimeError(f"fedcmp-server exited: {launcher.log_tail('server')}")
         address = f"127.0.0.1:{port_file.read_text().strip()}"
-        with TreeSampler(server.pid) as sampler:
+        with TreeSampler({"server": server.pid, "run": os.getpid()}) as sampler:
             watcher = RoundWatcher(address, workload.rounds)
             if probe_interval_s > 0:
                 launcher.start("status-probe", [sys.executable, str(STATUS_PROBE), "--server", address,

@@ -47,7 +47,7 @@ def run_flower(workload: Workload, workdir: Path, venv: Path, timeout_s: float =
                    "flower-superlink did not start")
         if superlink.poll() is not None:
             raise RuntimeError(f"flower-superlink exited: {launcher.log_tail('superlink')}")
-        with TreeSampler(superlink.pid) as sampler:
+        with TreeSampler({"server": superlink.pid, "run": os.getpid()}) as sampler:
             for node in range(workload.clients):
                 launcher.start(f"supernode-{node}", [
                     str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{superlink_port}",

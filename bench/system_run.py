@@ -35,9 +35,14 @@ class RunResult:
     system: str  # "fedcmp" or "flower"
     clients: int
     rounds: list[Round]
-    server_cpu_s: list[float]  # per round
-    peak_rss_bytes: int  # over the whole run
-    baseline_rss_bytes: int  # when the server had started and no client had come yet
+    server_cpu_s: list[float]  # per round: the server's process tree, user + system
+    server_system_s: list[float]  # per round: the system (kernel) part of it
+    run_cpu_s: list[float]  # per round: every process of the benchmark (server, clients, the harness)
+    machine_busy_s: list[float]  # per round: every process of the machine, ours or not
+    peak_rss_bytes: int  # the server's, over the whole run
+    peak_anon_bytes: int  # the server's anonymous RSS (not file-backed, not shared), over the whole run
+    baseline_rss_bytes: int  # the server's when it had started and no client had come yet
+    baseline_anon_bytes: int  # the anonymous part of it
     notes: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -48,12 +53,34 @@ class RunResult:
     def cpu_per_round_s(self) -> float:
         return statistics.mean(self.server_cpu_s)
 
+    @property
+    def system_per_round_s(self) -> float:
+        return statistics.mean(self.server_system_s)
+
+    @property
+    def others_per_round_s(self) -> float:
+        """CPU seconds per round of the benchmark's processes other than the server: mostly the clients."""
+        return statistics.mean(self.run_cpu_s) - self.cpu_per_round_s
+
+    @property
+    def outside_per_round_s(self) -> float:
+        """CPU seconds per round of work on the machine that is not the benchmark's."""
+        return statistics.mean(self.machine_busy_s) - statistics.mean(self.run_cpu_s)
+
 
 def measured(system: str, clients: int, rounds: list[Round], sampler: TreeSampler) -> RunResult:
+    """The result of a run whose sampler watched the trees "server" and "run" (the benchmark's process)."""
     if not rounds:
         raise RuntimeError(f"{system} with {clients} clients completed no round")
-    cpu = [sampler.cpu_between(r.start, r.end) for r in rounds]
-    return RunResult(system, clients, rounds, cpu, sampler.peak_rss(), sampler.samples[0].rss_bytes)
+    return RunResult(
+        system, clients, rounds,
+        server_cpu_s=[sampler.cpu_between("server", r.start, r.end) for r in rounds],
+        server_system_s=[sampler.cpu_between("server", r.start, r.end, "system_s") for r in rounds],
+        run_cpu_s=[sampler.cpu_between("run", r.start, r.end) for r in rounds],
+        machine_busy_s=[sampler.machine_busy_between(r.start, r.end) for r in rounds],
+        peak_rss_bytes=sampler.peak_rss("server"), peak_anon_bytes=sampler.peak_anon("server"),
+        baseline_rss_bytes=sampler.samples[0].trees["server"].rss_bytes,
+        baseline_anon_bytes=sampler.samples[0].trees["server"].anon_bytes)
 
 
 class Launcher:

@@ -11,7 +11,10 @@ SIZE = projector_bytes(**PROJECTOR)
 
 def run(system: str, clients: int, round_s: float, cpu_s: float, peak: float, baseline: float = 0.0,
         **notes: float) -> RunResult:
-    return RunResult(system, clients, [Round(1, 0.0, round_s)], [cpu_s], int(peak), int(baseline), dict(notes))
+    return RunResult(system, clients, [Round(1, 0.0, round_s)], server_cpu_s=[cpu_s], server_system_s=[cpu_s / 2],
+                     run_cpu_s=[3 * cpu_s], machine_busy_s=[4 * cpu_s], peak_rss_bytes=int(peak),
+                     peak_anon_bytes=int(peak / 2), baseline_rss_bytes=int(baseline),
+                     baseline_anon_bytes=int(baseline / 2), notes=dict(notes))
 
 
 def report(speedup: float, cpu_per_client: float, rss_share: float, projectors_at_64: float, p99_s: float,
@@ -60,3 +63,10 @@ def test_bfloat16_run_is_set_beside_the_float32_round_of_the_same_k() -> None:
     text = report(7.0, 0.1, 0.25, 3.5, 0.03, 3.0).markdown(PROJECTOR)
     assert "| 16 | float32 | 1.00 s | 7.00 s | 7.00x |" in text
     assert "| 16 | bfloat16 | 0.50 s | 7.00 s | 14.00x |" in text
+
+
+def test_cpu_table_splits_each_round_between_server_clients_and_the_rest_of_the_machine() -> None:
+    text = report(7.0, 0.1, 0.25, 3.5, 0.03, 3.0).markdown(PROJECTOR)
+    # fedcmp at K = 16: server 1.6 s (0.8 s kernel), run 4.8 s, machine 6.4 s, over 2 cores x 1 s
+    assert "| 83.9 MB | 16 | fedcmp | 1.00 s | 1.60 s | 0.80 s | 3.20 s | 1.60 s | 3.20 |" in text
+    assert "| 83.9 MB | 16 | fedcmp (bf16 wire) | 0.50 s |" in text

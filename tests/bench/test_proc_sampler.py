@@ -1,11 +1,14 @@
-"""The /proc sampler counts a whole process tree: memory of children, CPU of grandchildren."""
+"""The /proc sampler counts whole process trees: memory of children, CPU of grandchildren, mapped files apart."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
 
-from proc_sampler import Sample, TreeSampler, descendants
+import pytest
+
+from proc_sampler import Reading, Sample, TreeSampler, descendants
 
 # The root holds 200 MB and starts a middle process, which starts a leaf burning CPU; the leaf
 # prints its own CPU seconds, then lingers so that the sampler sees its final count.
@@ -20,10 +23,33 @@ for i in range(0, len(block), 4096): block[i] = 1
 
 def test_sampler_counts_the_tree_memory_and_cpu() -> None:
     root = subprocess.Popen([sys.executable, "-c", ROOT], stdout=subprocess.PIPE, text=True)
-    with TreeSampler(root.pid, interval_s=0.05) as sampler:
+    with TreeSampler({"tree": root.pid, "other": os.getpid()}, interval_s=0.05) as sampler:
         leaf_cpu = float(root.communicate(timeout=120)[0])
-    assert sampler.peak_rss() >= 200 * 2**20  # the root's block
-    assert sampler.cpu_between(sampler.samples[0].wall, sampler.samples[-1].wall) >= leaf_cpu
+    first, last = sampler.samples[0].wall, sampler.samples[-1].wall
+    assert sampler.peak_anon("tree") >= 200 * 2**20  # the root's block, anonymous memory
+    assert sampler.peak_rss("tree") >= sampler.peak_anon("tree")
+    tree_cpu = sampler.cpu_between("tree", first, last)
+    assert tree_cpu >= leaf_cpu
+    parts = sampler.cpu_between("tree", first, last, "user_s") + sampler.cpu_between("tree", first, last, "system_s")
+    assert tree_cpu == pytest.approx(parts)
+    assert sampler.cpu_between("other", first, last) >= tree_cpu  # this process's tree holds the root's
+    assert sampler.machine_busy_between(first, last) >= tree_cpu
+
+
+def test_anonymous_memory_leaves_out_mapped_files(tmp_path) -> None:
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"\1" * (100 * 2**20))
+    reader = ("import mmap, sys, time\nf = open(sys.argv[1], 'rb')\nm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)\n"
+              "sum(m[i] for i in range(0, len(m), 4096))\nprint('mapped', flush=True)\ntime.sleep(30)")
+    process = subprocess.Popen([sys.executable, "-c", reader, str(blob)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "mapped"
+        sample = TreeSampler({"reader": process.pid}).sample().trees["reader"]
+        assert sample.rss_bytes - sample.anon_bytes >= 100 * 2**20  # the mapped file is resident, not anonymous
+        assert sample.anon_bytes < 100 * 2**20
+    finally:
+        process.kill()
+        process.wait(timeout=30)
 
 
 def test_descendants_finds_grandchildren_only() -> None:
@@ -42,8 +68,12 @@ def test_descendants_finds_grandchildren_only() -> None:
 
 
 def test_cpu_between_interpolates_between_samples() -> None:
-    sampler = TreeSampler(root=0)
-    sampler.samples = [Sample(10.0, 1.0, 0), Sample(12.0, 3.0, 5), Sample(14.0, 3.0, 7)]
-    assert sampler.cpu_between(11.0, 13.0) == 1.0  # 2.0 at t = 11, 3.0 at t = 13
-    assert sampler.cpu_between(0.0, 99.0) == 2.0  # clamped to the samples
-    assert sampler.peak_rss(11.0, 13.0) == 5
+    sampler = TreeSampler({"tree": 0})
+    sampler.samples = [Sample(10.0, 100.0, {"tree": Reading(1.0, 0.0, 0, 0)}),
+                       Sample(12.0, 104.0, {"tree": Reading(2.0, 1.0, 5, 4)}),
+                       Sample(14.0, 104.0, {"tree": Reading(2.0, 1.0, 7, 3)})]
+    assert sampler.cpu_between("tree", 11.0, 13.0) == 1.0  # 2.0 at t = 11, 3.0 at t = 13
+    assert sampler.cpu_between("tree", 11.0, 13.0, "system_s") == 0.5
+    assert sampler.cpu_between("tree", 0.0, 99.0) == 2.0  # clamped to the samples
+    assert sampler.machine_busy_between(11.0, 13.0) == 2.0
+    assert sampler.peak_rss("tree", 11.0, 13.0) == 5 and sampler.peak_anon("tree") == 4
