@@ -81,12 +81,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def status_notes(calls: list[Call]) -> dict[str, float]:
-    """Latency of the GetStatus calls answered while a round trained (uploads and downloads streaming)."""
-    training = [call.seconds for call in calls if call.phase == "TRAINING"]
-    notes = {"status_calls_all": float(len(calls)), "status_calls": float(len(training))}
-    if len(training) >= 2:
-        notes |= {"status_p50_s": percentile(training, 0.5), "status_p99_s": percentile(training, 0.99),
-                  "status_max_s": max(training)}
+    """Latency of the GetStatus and health calls answered while a round trained (transfers streaming)."""
+    notes = {"status_calls_all": float(sum(call.kind == "status" for call in calls))}
+    for kind in ("status", "health"):
+        training = [call.seconds for call in calls if call.kind == kind and call.phase == "TRAINING"]
+        notes[f"{kind}_calls"] = float(len(training))
+        if len(training) >= 2:
+            notes |= {f"{kind}_p50_s": percentile(training, 0.5), f"{kind}_p99_s": percentile(training, 0.99),
+                      f"{kind}_max_s": max(training)}
     return notes
 
 

@@ -25,7 +25,7 @@ def report(speedup: float, cpu_per_client: float, rss_share: float, projectors_a
                     quick=False, load_before=(1.0, 1.0, 1.0), load_after=(1.0, 1.0, 1.0), wall_s=60.0)
     result.pairs = [SystemPair(1024, 4096, ours, theirs)]
     result.rss_run = run("fedcmp", 64, 9.0, 9.0, 3e8 + projectors_at_64 * SIZE, baseline=3e8)
-    result.swarm_run = run("fedcmp", 256, 5.0, 5.0, 4e8, status_p99_s=p99_s, status_calls=100.0,
+    result.swarm_run = run("fedcmp", 256, 5.0, 5.0, 4e8, status_p99_s=p99_s, status_calls=100.0, health_p99_s=0.002,
                            status_p50_s=0.01, status_max_s=p99_s)
     result.aggregation = [(16, False, Timings([1.0, 1.1], [aggregation_ratio, 9.0]))]
     result.bf16_run = run("fedcmp", 16, 0.5, 8 * cpu_per_client, 1e9)
@@ -46,7 +46,8 @@ def test_every_target_missed_with_its_margin() -> None:
 
 def test_markdown_has_every_table() -> None:
     text = report(7.0, 0.1, 0.25, 3.5, 0.03, 3.0).markdown(PROJECTOR)
-    for heading in ("## Targets", "## One round", "## Aggregation", "## Server memory with 64", "## 256 clients"):
+    for heading in ("## Targets", "## Reading the figures", "## One round", "## Aggregation", "## Server memory with 64",
+                    "## 256 clients"):
         assert heading in text
     assert "shared with other work" not in text  # load 1.0 on 2 cores: a quiet machine
 
@@ -70,3 +71,17 @@ def test_cpu_table_splits_each_round_between_server_clients_and_the_rest_of_the_
     # fedcmp at K = 16: server 1.6 s (0.8 s kernel), run 4.8 s, machine 6.4 s, over 2 cores x 1 s
     assert "| 83.9 MB | 16 | fedcmp | 1.00 s | 1.60 s | 0.80 s | 3.20 s | 1.60 s | 3.20 |" in text
     assert "| 83.9 MB | 16 | fedcmp (bf16 wire) | 0.50 s |" in text
+
+
+def test_status_verdict_sets_the_health_check_beside_get_status() -> None:
+    verdict = report(7.0, 0.1, 0.25, 3.5, 0.03, 3.0).verdicts(PROJECTOR)[4]
+    assert verdict.measured == "round done; p99 30 ms (health check p99 2.0 ms)" and verdict.met
+
+
+def test_reading_section_splits_the_round_and_memory_from_the_tables() -> None:
+    text = report(7.0, 0.1, 0.25, 3.5, 0.03, 3.0).markdown(PROJECTOR)
+    reading = text.split("## Reading the figures")[1].split("\n## ")[0]
+    assert "busy 3.2 s of fedcmp's 1.0 s round" in reading  # 6.4 busy CPU seconds on 2 cores
+    assert "fedcmp's server used 1.6 s of CPU, its clients (and the harness) 3.2 s, other work 1.6 s" in reading
+    assert "50% of fedcmp's server CPU" in reading
+    assert "health check on the same loop" in reading

@@ -13,7 +13,8 @@ from proc_sampler import Reading, Sample, TreeSampler, descendants
 # The root holds 200 MB and starts a middle process, which starts a leaf burning CPU; the leaf
 # prints its own CPU seconds, then lingers so that the sampler sees its final count.
 LEAF = "import time\nx = 0\nfor i in range(3_000_000): x += i\nprint(time.process_time(), flush=True)\ntime.sleep(0.5)"
-RUN = "import subprocess, sys\nprint(subprocess.run([sys.executable, '-c', {code!r}], capture_output=True, text=True).stdout.strip())"
+RUN = ("import subprocess, sys\n"
+       "print(subprocess.run([sys.executable, '-c', {code!r}], capture_output=True, text=True).stdout.strip())")
 ROOT = f"""
 block = bytearray(200 * 2**20)
 for i in range(0, len(block), 4096): block[i] = 1

@@ -33,9 +33,12 @@ def test_noop_client_without_a_coordinator_fails(caplog) -> None:
 
 def test_status_latency_counts_only_calls_made_while_training(tmp_path: Path) -> None:
     calls = tmp_path / "calls.txt"
-    calls.write_text("0.500 WAITING\n" + "".join(f"0.0{k} TRAINING\n" for k in range(1, 10)) + "0.9 AGGREG")
+    calls.write_text("0.500 status WAITING\n0.400 health WAITING\n"
+                     + "".join(f"0.0{k} status TRAINING\n0.00{k} health TRAINING\n" for k in range(1, 10))
+                     + "0.9 status AGGREG")
     read = read_calls(calls)
-    assert len(read) == 10 and read[0] == Call(0.5, "WAITING")  # the unfinished last line is left out
+    assert len(read) == 20 and read[0] == Call(0.5, "status", "WAITING")  # the unfinished last line is left out
     notes = status_notes(read)
-    assert notes["status_calls"] == 9 and notes["status_calls_all"] == 10
+    assert notes["status_calls"] == 9 and notes["status_calls_all"] == 10 and notes["health_calls"] == 9
     assert notes["status_p50_s"] == 0.05 and notes["status_max_s"] == 0.09 and 0.08 < notes["status_p99_s"] <= 0.09
+    assert notes["health_p50_s"] == 0.005 and notes["health_max_s"] == 0.009
