@@ -34,8 +34,19 @@ test: install
 demo: install
 	$(PY) deploy/local_demo.py --clients 4 --rounds 5 --out runs/demo
 
-bench-system: install
-	$(PY) bench/bench_aggregation.py
+# Flower for the system benchmark only, in its own environment: flwr pins protobuf < 7, fedcmp
+# needs >= 7.35.1. The Flower App's pyproject pins the version (bench/flower_app).
+FLOWER_VENV ?= .venv-flower
+FLOWER_STAMP := $(FLOWER_VENV)/.installed
+
+$(FLOWER_STAMP): bench/flower_app/pyproject.toml
+	$(PYTHON) -m venv $(FLOWER_VENV)
+	$(FLOWER_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(FLOWER_VENV)/bin/python -m pip install --quiet -e bench/flower_app
+	touch $(FLOWER_STAMP)
+
+bench-system: install $(FLOWER_STAMP)
+	$(PY) bench/bench_system.py --flower-venv $(FLOWER_VENV) --out docs/PERFORMANCE.md
 
 bench-client: install
 	$(PY) bench/bench_client.py --out docs/CLIENT.md
@@ -50,4 +61,4 @@ bench-quality-quick: install
 	$(PY) bench/bench_quality.py --quick --out runs/bench-quick
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache runs
+	rm -rf $(VENV) $(FLOWER_VENV) build dist *.egg-info .pytest_cache runs

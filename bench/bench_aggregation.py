@@ -1,16 +1,20 @@
 """Aggregation time of `fedavg` vs `fedcmp` at the LLaVA-1.5-7B projector shape.
 
 mlp2x_gelu: linear_1 1024 -> 4096, linear_2 4096 -> 4096, weights + biases, float32
-(~21M parameters). 16 synthetic client updates = a shared low-rank drift + a client-specific
-low-rank part + small noise, held in memory, or with --from-disk spilled to safetensors files
-and loaded one per access with the project's codec, as the server's spilled sequence does (so
-every pass over the clients is timed too; files sit in the page cache).
+(~21M parameters, 84 MB). K synthetic client updates = a shared low-rank drift + a
+client-specific low-rank part + small noise, held in memory, or with --from-disk written as
+safetensors files and read back through the coordinator's own `SpilledUpdates` (one update
+per access, as the server aggregates; the files sit in the page cache). From disk, the round
+is generated one client at a time, so K = 64 needs one projector of memory, not 64.
 Both strategies run side by side in one process, interleaved (fedavg, fedcmp, fedavg, ...) so
 that both see the same machine load; prints the best and the median time of each and the
 ratio of the best times (the best time is the least disturbed by other processes).
 
-    python bench/bench_aggregation.py [--clients 16] [--repeats 5] [--from-disk]
-                                      [--fedcmp-params '{"r_max": 32}']
+    python bench/bench_aggregation.py [--clients 16] [--repeats 5] [--from-disk] [--plain-gemm]
+                                      [--threads N] [--cpu-time] [--fedcmp-params '{"r_max": 32}']
+
+--plain-gemm runs Fed-CMP's products as `a @ b.T` (MKL) instead of through oneDNN, to measure
+what the oneDNN route buys.
 """
 from __future__ import annotations
 
@@ -19,13 +23,16 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
-from fedcmp.common.codec import load_params_file, save_params_file
+from fedcmp.server.store import SpilledUpdates, SpilledUpload
 from fedcmp.server.strategies import ClientUpdate, build_strategy
+from fedcmp.server.strategies import fedcmp
 
 SHAPES = {
     "linear_1.weight": (4096, 1024),
@@ -46,43 +53,72 @@ def noise(shape: tuple[int, ...], scale: float, gen: torch.Generator) -> torch.T
     return scale * torch.randn(shape, generator=gen)
 
 
-def make_round(clients: int, seed: int = 0) -> tuple[dict[str, torch.Tensor], list[ClientUpdate]]:
+def synthetic_round(clients: int, seed: int = 0) -> tuple[dict[str, torch.Tensor], Iterator[ClientUpdate]]:
+    """The global projector and a generator of the K client updates, made one at a time."""
     gen = torch.Generator().manual_seed(seed)
     global_params = {key: 0.02 * torch.randn(shape, generator=gen) for key, shape in SHAPES.items()}
     shared = {key: low_rank(shape, 8, 1e-3, gen) for key, shape in SHAPES.items()}
-    updates = []
-    for k in range(clients):
-        params = {
-            key: global_params[key] + shared[key] + low_rank(shape, 4, 5e-4, gen) + noise(shape, 1e-5, gen)
-            for key, shape in SHAPES.items()
-        }
-        updates.append(ClientUpdate(f"client-{k:02d}", 100 + 10 * k, params, {}))
-    return global_params, updates
+
+    def updates() -> Iterator[ClientUpdate]:
+        for k in range(clients):
+            params = {
+                key: global_params[key] + shared[key] + low_rank(shape, 4, 5e-4, gen) + noise(shape, 1e-5, gen)
+                for key, shape in SHAPES.items()
+            }
+            yield ClientUpdate(f"client-{k:02d}", 100 + 10 * k, params, {})
+
+    return global_params, updates()
 
 
-class SpilledRound(Sequence[ClientUpdate]):
-    """The round's updates as safetensors files, one loaded per `__getitem__`."""
-
-    def __init__(self, updates: list[ClientUpdate], folder: Path) -> None:
-        self.entries = []
-        for update in updates:
-            path = folder / f"{update.client_id}.safetensors"
-            save_params_file(path, update.params)
-            self.entries.append((update.client_id, update.num_samples, path))
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def __getitem__(self, index):  # type: ignore[override]
-        client_id, num_samples, path = self.entries[index]
-        return ClientUpdate(client_id, num_samples, load_params_file(path), {})
+def spill(updates: Iterator[ClientUpdate], folder: Path) -> SpilledUpdates:
+    """Write each update as the coordinator spills an upload (safetensors) and read them back its way."""
+    uploads = []
+    for update in updates:
+        path = folder / f"{update.client_id}.safetensors"
+        save_file(update.params, str(path))
+        uploads.append(SpilledUpload(update.client_id, 1, update.num_samples, {}, path))
+    return SpilledUpdates(uploads)
 
 
-def time_once(name: str, params: dict, global_params: dict, updates: Sequence[ClientUpdate]) -> float:
+@dataclass(frozen=True)
+class Timings:
+    """Seconds per aggregation of each strategy over the repeats."""
+
+    fedavg: list[float]
+    fedcmp: list[float]
+
+    @property
+    def ratio(self) -> float:
+        """fedcmp / fedavg, best time against best time."""
+        return min(self.fedcmp) / min(self.fedavg)
+
+
+def time_once(name: str, params: dict, global_params: dict, updates: Sequence[ClientUpdate],
+              clock: Callable[[], float]) -> float:
     strategy = build_strategy(name, params)
-    start = time.perf_counter()
+    start = clock()
     strategy.aggregate(global_params, updates)
-    return time.perf_counter() - start
+    return clock() - start
+
+
+def compare(clients: int, repeats: int, from_disk: bool, fedcmp_params: dict | None = None,
+            cpu_time: bool = False) -> Timings:
+    """Interleaved fedavg / fedcmp aggregations of one synthetic round; a warm-up run of each first.
+
+    Wall-clock seconds, or with `cpu_time` this process's CPU seconds: on a shared machine a
+    single-threaded run's CPU time hardly depends on what else runs, its wall time does.
+    """
+    clock = time.process_time if cpu_time else time.perf_counter
+    global_params, generated = synthetic_round(clients)
+    with tempfile.TemporaryDirectory(prefix="fedcmp-bench-agg-") as folder:
+        updates = spill(generated, Path(folder)) if from_disk else list(generated)
+        times: dict[str, list[float]] = {"fedavg": [], "fedcmp": []}
+        for repeat in range(repeats + 1):  # run 0 warms up allocators and BLAS
+            for name, params in (("fedavg", {}), ("fedcmp", fedcmp_params or {})):
+                elapsed = time_once(name, params, global_params, updates, clock)
+                if repeat:
+                    times[name].append(elapsed)
+    return Timings(times["fedavg"], times["fedcmp"])
 
 
 def main() -> None:
@@ -90,29 +126,32 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--fedcmp-params", type=json.loads, default={}, help="JSON strategy_params for fedcmp")
-    parser.add_argument("--from-disk", action="store_true", help="load each update from a safetensors file per access")
+    parser.add_argument("--from-disk", action="store_true",
+                        help="spill the updates to safetensors files and read them as the coordinator does")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's, one per core)")
+    parser.add_argument("--cpu-time", action="store_true", help="time with process CPU seconds, not wall clock")
+    parser.add_argument("--plain-gemm", action="store_true", help="Fed-CMP's GEMMs as a @ b.T, not through oneDNN")
     args = parser.parse_args()
-    global_params, in_memory = make_round(args.clients)
-    folder = tempfile.TemporaryDirectory()
-    updates = SpilledRound(in_memory, Path(folder.name)) if args.from_disk else in_memory
-    n_params = sum(t.numel() for t in global_params.values())
-    runs = {"fedavg": {}, "fedcmp": args.fedcmp_params}
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for repeat in range(args.repeats + 1):  # run 0 warms up allocators and BLAS
-        for name, params in runs.items():
-            elapsed = time_once(name, params, global_params, updates)
-            if repeat:
-                times[name].append(elapsed)
+    if args.clients < 1 or args.repeats < 1:
+        parser.error("--clients and --repeats must be >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be >= 1")
+        torch.set_num_threads(args.threads)
+    if args.plain_gemm:
+        fedcmp._ONEDNN_LINEAR = None
+    timings = compare(args.clients, args.repeats, args.from_disk, args.fedcmp_params, args.cpu_time)
+    n_params = sum(torch.Size(shape).numel() for shape in SHAPES.values())
     print(
         f"projector mlp2x_gelu 1024->4096->4096, {n_params / 1e6:.1f}M params, {args.clients} clients, "
         f"{'from disk' if args.from_disk else 'in memory'}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {args.repeats} repeats"
+        f"{'MKL' if fedcmp._ONEDNN_LINEAR is None else 'oneDNN'} GEMMs in fedcmp, "
+        f"{torch.get_num_threads()} threads, {args.repeats} repeats, {'CPU' if args.cpu_time else 'wall'} seconds"
     )
-    for name, params in runs.items():
-        label = f"  {params}" if params else ""
-        print(f"{name:7s} best {min(times[name]):7.3f} s   median {statistics.median(times[name]):7.3f} s{label}")
-    print(f"ratio of best times: {min(times['fedcmp']) / min(times['fedavg']):.2f} x")
-    folder.cleanup()
+    for name, times in (("fedavg", timings.fedavg), ("fedcmp", timings.fedcmp)):
+        label = f"  {args.fedcmp_params}" if name == "fedcmp" and args.fedcmp_params else ""
+        print(f"{name:7s} best {min(times):7.3f} s   median {statistics.median(times):7.3f} s{label}")
+    print(f"ratio of best times: {timings.ratio:.2f} x")
 
 
 if __name__ == "__main__":

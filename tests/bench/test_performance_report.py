@@ -1,0 +1,87 @@
+"""docs/PERFORMANCE.md's verdicts: each issue-12 target met or missed from the run's figures."""
+from __future__ import annotations
+
+from bench_aggregation import Timings
+from performance_report import Report, SystemPair, projector_bytes
+from system_run import Round, RunResult
+
+PROJECTOR = {"vision_hidden": 1024, "text_hidden": 4096}
+SIZE = projector_bytes(**PROJECTOR)
+
+
+def run(system: str, clients: int, round_s: float, cpu_s: float, peak: float, baseline: float = 0.0,
+        **notes: float) -> RunResult:
+    return RunResult(system, clients, [Round(1, 0.0, round_s)], server_cpu_s=[cpu_s], server_system_s=[cpu_s / 2],
+                     run_cpu_s=[3 * cpu_s], machine_busy_s=[4 * cpu_s], peak_rss_bytes=int(peak),
+                     peak_anon_bytes=int(peak / 2), baseline_rss_bytes=int(baseline),
+                     baseline_anon_bytes=int(baseline / 2), notes=dict(notes))
+
+
+def report(speedup: float, cpu_per_client: float, rss_share: float, projectors_at_64: float, p99_s: float,
+           aggregation_ratio: float) -> Report:
+    ours = run("fedcmp", 16, 1.0, 16 * cpu_per_client, 1e9)
+    theirs = run("flower", 16, speedup, 1.0, 1e9 / rss_share)
+    result = Report({"cpus": "2", "python": "3", "torch": "2", "flower": "1", "commit": "x", "date": "d"},
+                    quick=False, load_before=(1.0, 1.0, 1.0), load_after=(1.0, 1.0, 1.0), wall_s=60.0)
+    result.pairs = [SystemPair(1024, 4096, ours, theirs)]
+    result.rss_run = run("fedcmp", 64, 9.0, 9.0, 3e8 + projectors_at_64 * SIZE, baseline=3e8)
+    result.swarm_run = run("fedcmp", 256, 5.0, 5.0, 4e8, status_p99_s=p99_s, status_calls=100.0, health_p99_s=0.002,
+                           status_p50_s=0.01, status_max_s=p99_s)
+    result.aggregation = [(16, False, Timings([1.0, 1.1], [aggregation_ratio, 9.0]))]
+    result.bf16_run = run("fedcmp", 16, 0.5, 8 * cpu_per_client, 1e9)
+    return result
+
+
+def test_every_target_met() -> None:
+    verdicts = report(7.0, 0.1, 0.25, 3.5, 0.03, 3.0).verdicts(PROJECTOR)
+    assert len(verdicts) == 6 and all(v.met for v in verdicts)
+
+
+def test_every_target_missed_with_its_margin() -> None:
+    verdicts = report(3.0, 0.4, 0.5, 6.0, 0.1, 6.0).verdicts(PROJECTOR)
+    assert not any(v.met for v in verdicts)
+    assert [v.margin for v in verdicts] == ["short by 2.00x", "over by 2.00x", "over by 1.50x", "over by 1.50x",
+                                            "over by 2.00x", "over by 1.50x"]
+
+
+def test_markdown_has_every_table() -> None:
+    text = report(7.0, 0.1, 0.25, 3.5, 0.03, 3.0).markdown(PROJECTOR)
+    for heading in ("## Targets", "## Reading the figures", "## One round", "## Aggregation", "## Server memory with 64",
+                    "## 256 clients"):
+        assert heading in text
+    assert "shared with other work" not in text  # load 1.0 on 2 cores: a quiet machine
+
+
+def test_memory_table_sets_the_64_client_round_against_the_smallest_k() -> None:
+    text = report(7.0, 0.1, 0.25, 3.5, 0.03, 3.0).markdown(PROJECTOR)
+    memory = text.split("## Server memory with 64 clients")[1].split("\n## ")[0]
+    rows = [line for line in memory.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [row.split(" | ")[0] for row in rows] == ["| 16", "| 64"]
+    assert "| 3.5 |" in rows[1]  # peak above the start, in projectors
+
+
+def test_bfloat16_run_is_set_beside_the_float32_round_of_the_same_k() -> None:
+    text = report(7.0, 0.1, 0.25, 3.5, 0.03, 3.0).markdown(PROJECTOR)
+    assert "| 16 | float32 | 1.00 s | 7.00 s | 7.00x |" in text
+    assert "| 16 | bfloat16 | 0.50 s | 7.00 s | 14.00x |" in text
+
+
+def test_cpu_table_splits_each_round_between_server_clients_and_the_rest_of_the_machine() -> None:
+    text = report(7.0, 0.1, 0.25, 3.5, 0.03, 3.0).markdown(PROJECTOR)
+    # fedcmp at K = 16: server 1.6 s (0.8 s kernel), run 4.8 s, machine 6.4 s, over 2 cores x 1 s
+    assert "| 83.9 MB | 16 | fedcmp | 1.00 s | 1.60 s | 0.80 s | 3.20 s | 1.60 s | 3.20 |" in text
+    assert "| 83.9 MB | 16 | fedcmp (bf16 wire) | 0.50 s |" in text
+
+
+def test_status_verdict_sets_the_health_check_beside_get_status() -> None:
+    verdict = report(7.0, 0.1, 0.25, 3.5, 0.03, 3.0).verdicts(PROJECTOR)[4]
+    assert verdict.measured == "round done; p99 30 ms (health check p99 2.0 ms)" and verdict.met
+
+
+def test_reading_section_splits_the_round_and_memory_from_the_tables() -> None:
+    text = report(7.0, 0.1, 0.25, 3.5, 0.03, 3.0).markdown(PROJECTOR)
+    reading = text.split("## Reading the figures")[1].split("\n## ")[0]
+    assert "busy 3.2 s of fedcmp's 1.0 s round" in reading  # 6.4 busy CPU seconds on 2 cores
+    assert "fedcmp's server used 1.6 s of CPU, its clients (and the harness) 3.2 s, other work 1.6 s" in reading
+    assert "50% of fedcmp's server CPU" in reading
+    assert "health check on the same loop" in reading
