@@ -60,6 +60,9 @@ class NoopSession:
     def evaluate(self, params: dict[str, Tensor]) -> dict[str, float]:
         return {"val_loss": 0.0}
 
+    def data_metrics(self) -> dict[str, float]:
+        return {"bad_samples": 0.0}  # no data, so none unreadable
+
     def train_round(self, global_params: dict[str, Tensor], round_index: int, local_steps: int,
                     on_step: Callable[[int, float], None] | None = None) -> tuple[dict[str, Tensor], dict[str, float]]:
         """global + N(0, NOISE_SCALE^2) per value, seeded by (client, round); no steps to report.
