@@ -271,6 +271,22 @@ def test_fedcmp_fedavg_setting_reproduces_fedavg(shapes: dict, extra: dict) -> N
         assert max_abs_diff(fedcmp.aggregate(global_params, updates), fedavg.aggregate(global_params, updates)) < 1e-6
 
 
+def test_fedcmp_fedavg_setting_without_residual_needs_the_top_subspace() -> None:
+    # tau = 1 keeps every direction of the range, so any basis passes the test above. Here the
+    # clients' deltas share a 2-dim column space of R^6 and tau < 1: U_t keeps r = 2 directions,
+    # and with lam = 0 (no residual) FedAvg comes out only if they are the top ones.
+    gen = torch.Generator().manual_seed(30)
+    global_params = random_params(MLP, gen)
+    span = {prefix: torch.randn(6, 2, generator=gen) for prefix in ("linear_1", "linear_2")}  # [m, 2] per layer
+    deltas = [{key: span[key.split(".")[0]] @ torch.randn(2, *shape[1:], generator=gen) for key, shape in MLP.items()}
+              for _ in range(5)]
+    updates = make_updates(global_params, deltas, [5, 10, 20, 40, 10])
+    fedcmp = build_strategy("fedcmp", FEDAVG_SETTING | {"lam": 0.0, "tau": 0.999})
+    result = fedcmp.aggregate(global_params, updates)
+    assert {u.shape[1] for key, u in fedcmp.state_dict().items() if key.startswith("basis/")} == {2}  # r = 2 < m = 6
+    assert max_abs_diff(result, build_strategy("fedavg").aggregate(global_params, updates)) < 1e-5
+
+
 def test_fedcmp_no_reliability_uses_sample_weights() -> None:
     # w = p via the ablation's own pinned T and gamma: alpha = 1, tau = 1, rho = inf, beta = 0 leave plain FedAvg.
     global_params, updates = random_round(MLP, 4, seed=3)
