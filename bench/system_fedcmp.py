@@ -104,7 +104,7 @@ def run_fedcmp(workload: Workload, workdir: Path, probe_interval_s: float = 0.0,
             str(BIN / "fedcmp-server"), "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
             "--state-dir", str(workdir / "state"), "--config", str(recipe), "--strategy", "fedavg",
             "--rounds", str(workload.rounds), "--min-clients", str(workload.clients), "--local-steps", "1",
-            "--round-timeout", str(timeout_s), "--linger", "30", "--exit-when-done"])
+            "--round-timeout", str(timeout_s), "--exit-when-done", "--linger", "30"])
         wait_until(lambda: port_file.exists() and port_file.read_text().strip() != "" or server.poll() is not None,
                    60, "fedcmp-server did not start")
         if server.poll() is not None:
@@ -125,7 +125,7 @@ def run_fedcmp(workload: Workload, workdir: Path, probe_interval_s: float = 0.0,
                        or all(client.poll() is not None for client in clients), timeout_s,
                        f"fedcmp with {workload.clients} clients did not finish {workload.rounds} rounds", 0.2)
             if watcher.done():
-                server.wait(timeout=120)  # DONE, then every client told so (--linger)
+                server.wait(timeout=120)  # DONE, then every client told so (--exit-when-done, --linger)
                 for client in clients:
                     client.wait(timeout=120)
             watcher.close()

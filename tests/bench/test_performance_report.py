@@ -25,7 +25,7 @@ def report(speedup: float, cpu_per_client: float, rss_share: float, projectors_a
                     quick=False, load_before=(1.0, 1.0, 1.0), load_after=(1.0, 1.0, 1.0), wall_s=60.0)
     result.pairs = [SystemPair(1024, 4096, ours, theirs)]
     result.rss_run = run("fedcmp", 64, 9.0, 9.0, 3e8 + projectors_at_64 * SIZE, baseline=3e8)
-    result.swarm_run = run("fedcmp", 256, 5.0, 5.0, 4e8, status_p99_s=p99_s, status_calls=100.0, health_p99_s=0.002,
+    result.swarm_run = run("fedcmp", 256, 5.0, 5.0, 4e8, status_p99_s=p99_s, status_calls=100.0, health_p99_s=0.002, health_p50_s=0.001,
                            status_p50_s=0.01, status_max_s=p99_s)
     result.aggregation = [(16, False, Timings([1.0, 1.1], [aggregation_ratio, 9.0]))]
     result.bf16_run = run("fedcmp", 16, 0.5, 8 * cpu_per_client, 1e9)
@@ -85,3 +85,12 @@ def test_reading_section_splits_the_round_and_memory_from_the_tables() -> None:
     assert "fedcmp's server used 1.6 s of CPU, its clients (and the harness) 3.2 s, other work 1.6 s" in reading
     assert "50% of fedcmp's server CPU" in reading
     assert "health check on the same loop" in reading
+
+
+def test_status_reading_says_whose_tail_it_is() -> None:
+    result = report(7.0, 0.1, 0.25, 3.5, 0.03, 3.0)
+    result.swarm_run.notes |= {"status_p50_s": 0.010, "health_p50_s": 0.004, "status_p99_s": 0.2, "health_p99_s": 0.4}
+    assert "p50 4.0 ms, p99 400.0 ms: the gap between the two is building the status, and the tails of both are mostly" \
+        in result.markdown(PROJECTOR).replace("\n", " ")
+    result.swarm_run.notes |= {"health_p99_s": 0.01}
+    assert "most of GetStatus's tail is building the status" in result.markdown(PROJECTOR)
