@@ -15,6 +15,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fedcmp.server.strategies import ClientUpdate, Strategy, available_strategies, build_strategy, hyper_parameters
+from fedcmp.server.strategies.base import sum_of_squares
 from fedcmp.server.strategies.fedcmp import Rows, group_layers, overlap_fusion, select_rank, significant_disagreement
 
 Params = dict[str, torch.Tensor]
@@ -151,6 +152,17 @@ def test_norm_bound_clips_each_delta_to_a_multiple_of_the_median_norm() -> None:
     torch.testing.assert_close(bounded["linear_1.weight"], torch.tensor([[(1.0 - 3.0) / 3, 2.0 / 3]]))  # c -> [-3, 0]
     plain = build_strategy("fedavg").aggregate(global_params, updates)
     torch.testing.assert_close(plain["linear_1.weight"], torch.tensor([[-3.0, 2.0 / 3]]))
+
+
+def test_sum_of_squares_is_float64_accurate_and_survives_float32_overflow() -> None:
+    gen = torch.Generator().manual_seed(0)
+    large = torch.randn(4096, 4097, generator=gen) + 3.0  # the 7B layer's size: one float32 sum is off by 1e-4
+    exact = float(large.double().square().sum())
+    assert sum_of_squares(large) == pytest.approx(exact, rel=1e-6)
+    assert sum_of_squares(torch.full((4,), 2.0)) == 16.0  # a 1-D tensor is one row
+    huge = torch.tensor([[3e19, 4e19], [1.0, 0.0]])  # float32 squares overflow; the float64 sum does not
+    assert sum_of_squares(huge) == pytest.approx(float(huge.double().square().sum()), rel=1e-12)
+    assert sum_of_squares(torch.tensor([[math.inf, 0.0]])) == math.inf
 
 
 def test_every_strategy_accepts_a_norm_bound() -> None:
