@@ -277,6 +277,31 @@ def sha256_hex(blob: bytes | memoryview) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
+def read_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> tuple[tuple[bytes, ...], int, str]:
+    """A file as consecutive `chunk_bytes` pieces (one read each, no whole-file copy), its size and sha256."""
+    digest = hashlib.sha256()
+    chunks = []
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+            chunks.append(chunk)
+    return tuple(chunks) or (b"",), sum(map(len, chunks)), digest.hexdigest()
+
+
+def safetensors_dtypes(first_bytes: bytes) -> set[str] | None:
+    """The tensor dtypes ("F32", ...) a safetensors header names, from the blob's first bytes; None if they do not hold it."""
+    if len(first_bytes) < HEADER_LENGTH_BYTES:
+        return None
+    (length,) = struct.unpack("<Q", first_bytes[:HEADER_LENGTH_BYTES])
+    if len(first_bytes) < HEADER_LENGTH_BYTES + length:
+        return None
+    try:
+        entries = json.loads(first_bytes[HEADER_LENGTH_BYTES: HEADER_LENGTH_BYTES + length])
+        return {entry["dtype"] for key, entry in entries.items() if key != "__metadata__"}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
 def iter_chunks(blob: bytes | memoryview, chunk_bytes: int = CHUNK_BYTES) -> Iterator[memoryview]:
     """Zero-copy views of consecutive `chunk_bytes` slices of `blob` (an empty blob: one empty chunk)."""
     if chunk_bytes <= 0:

@@ -34,9 +34,10 @@ from fedcmp.server.admission import (Signature, id_in_use, id_refusal, majority,
                                      room_for, signature, signature_of)
 from fedcmp.server.identity import backbone_refusal, run_backbones
 from fedcmp.server.liveness import GONE, ClientRecord, Progress, Shapes, is_live, live_ids, sweep, touch
-from fedcmp.server.safe_aggregation import aggregate_safely
-from fedcmp.server.store import EncodedGlobal, RunRecord, RunStore
+from fedcmp.server.safe_aggregation import Outcome, aggregate_safely
+from fedcmp.server.store import EncodedGlobal, RunRecord, RunStore, SpilledUpload
 from fedcmp.server.strategies import Strategy
+from fedcmp.server.strategies.base import sum_of_squares
 
 if TYPE_CHECKING:
     from fedcmp.server.metrics import CoordinatorMetrics
@@ -357,17 +358,14 @@ class Coordinator:
     async def _aggregate_and_commit(self, round_index: int) -> None:
         self.phase = Phase.AGGREGATING
         self._notify()
-        uploads = [upload for upload in self.store.uploads(round_index) if upload.client_id in self.reported]
-        current = self.store.load_global(self.record.global_version)
         began = time.monotonic()
-        outcome = await asyncio.to_thread(aggregate_safely, self.strategy, current, uploads)
+        uploads, outcome, new_global, step_norm = await asyncio.to_thread(self._aggregate, round_index,
+                                                                           set(self.reported))
         aggregation_s = time.monotonic() - began
         for client_id, reason in outcome.excluded.items():
             log.warning("round %d: %s's update is left out: %s", round_index, client_id, reason)
-        new_global = outcome.new_global
-        if new_global is None:
+        if outcome.new_global is None:
             log.error("round %d: no update could be aggregated; the global stays as it was", round_index)
-            new_global = current
         used = [upload for upload in uploads if upload.client_id not in outcome.excluded]
         row = {
             "round": round_index,
@@ -376,7 +374,7 @@ class Coordinator:
             "excluded": dict(sorted(outcome.excluded.items())),
             "duration_s": time.monotonic() - self._round_started,
             "aggregation_s": aggregation_s,
-            "global_update_norm": update_norm(current, new_global),
+            "global_update_norm": step_norm,
             "metrics": capped(weighted_means([(upload.num_samples, capped(upload.metrics)) for upload in used])),
         }
         self.record = await self._durably(f"commit round {round_index}", self.store.commit_round, self.record,
@@ -388,6 +386,16 @@ class Coordinator:
                 client.state = "idle"
         log.info("round %d committed: %s", round_index, _summary(row))
         self._notify()
+
+    def _aggregate(self, round_index: int, reported: set[str]
+                   ) -> tuple[list[SpilledUpload], Outcome, dict[str, Tensor], float]:
+        """Off the event loop: the round's uploads, the aggregation's outcome, the global to commit
+        (the old one when nothing aggregated) and the size of the step to it."""
+        uploads = [upload for upload in self.store.uploads(round_index) if upload.client_id in reported]
+        current = self.store.load_global(self.record.global_version)
+        outcome = aggregate_safely(self.strategy, current, uploads)
+        new_global = current if outcome.new_global is None else outcome.new_global
+        return uploads, outcome, new_global, update_norm(current, new_global)
 
     async def _final_evaluation(self) -> None:
         self.phase = Phase.EVALUATING
@@ -481,7 +489,7 @@ def capped(metrics: dict[str, Any]) -> dict[str, float]:
 
 def update_norm(old: dict[str, Tensor], new: dict[str, Tensor]) -> float:
     """Size of the committed global step, for watching oscillation: ||W_{t+1} - W_t||_F over all tensors."""
-    return math.sqrt(sum(float((new[key] - old[key]).pow(2).sum()) for key in old))
+    return math.sqrt(sum(sum_of_squares(torch.sub(new[key], old[key])) for key in old))
 
 
 def _summary(values: dict[str, Any]) -> str:

@@ -37,9 +37,10 @@ from typing import Any, BinaryIO, TypeVar, overload
 
 from torch import Tensor
 
-from fedcmp.common.codec import (BlobIntegrityError, BlobLayout, BlobReceiver, ProjectorStreamCheck, encode_projector,
-                                 fsync_dir, iter_chunks, load_params_file, load_params_metadata, map_projector_file,
-                                 save_params_file, sha256_hex, write_atomic)
+from fedcmp.common.codec import (SAFETENSORS_NAMES, BlobIntegrityError, BlobLayout, BlobReceiver, ProjectorStreamCheck,
+                                 encode_projector, fsync_dir, iter_chunks, load_params_file, load_params_metadata,
+                                 map_projector_file, read_chunks, safetensors_dtypes, save_params_file, sha256_hex,
+                                 write_atomic)
 from fedcmp.common.provenance import Backbones, ProjectorProvenance
 from fedcmp.common.recipe import Recipe
 from fedcmp.server.strategies import ClientUpdate
@@ -225,16 +226,28 @@ class RunStore:
         write_atomic(self.recipe_file, recipe_json.encode())
 
     def encoded_global(self, version: int, wire_dtype: str) -> EncodedGlobal:
-        """Global `version` in `wire_dtype`, encoded on first use and then shared (thread-safe; call off-loop)."""
+        """Global `version` in `wire_dtype`, encoded on first use and then shared (thread-safe; call off-loop).
+
+        A float32 global file already is its float32 wire blob (the same tensors and provenance
+        metadata, serialised the same way), so for float32 the file's bytes are read straight
+        into the chunks; other wire dtypes decode the file and encode it again.
+        """
         with self._encoded_lock:
             cached = self._encoded
             if cached is None or (cached.version, cached.wire_dtype) != (version, wire_dtype):
-                metadata = load_params_metadata(self.global_path(version))
-                blob = encode_projector(self.load_global(version), wire_dtype, metadata)
-                cached = EncodedGlobal(version, wire_dtype, tuple(bytes(chunk) for chunk in iter_chunks(blob)),
-                                       len(blob), sha256_hex(blob))
+                cached = self._encode_global(version, wire_dtype)
                 self._encoded = cached
             return cached
+
+    def _encode_global(self, version: int, wire_dtype: str) -> EncodedGlobal:
+        path = self.global_path(version)
+        if wire_dtype == "float32":
+            chunks, size, sha256 = read_chunks(path)
+            if safetensors_dtypes(chunks[0]) == {SAFETENSORS_NAMES["float32"]}:
+                return EncodedGlobal(version, wire_dtype, chunks, size, sha256)
+        blob = encode_projector(self.load_global(version), wire_dtype, load_params_metadata(path))
+        return EncodedGlobal(version, wire_dtype, tuple(bytes(chunk) for chunk in iter_chunks(blob)), len(blob),
+                             sha256_hex(blob))
 
     def load_strategy_state(self, round_index: int) -> dict[str, Tensor]:
         """The strategy state committed with round `round_index` (>= 1; before it there is none)."""

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 
 from fedcmp.common.codec import (BlobIntegrityError, BlobLayout, decode_projector, encode_params, encode_projector,
-                                 iter_chunks, sha256_hex)
+                                 iter_chunks, save_params_file, sha256_hex)
 from fedcmp.server.store import RunStore, SpilledUpdates, StateError, UploadStorageError
 
 SHAPES = {"linear_1.weight": (4, 3), "linear_1.bias": (4,)}
@@ -221,6 +221,19 @@ def test_a_global_is_encoded_once_per_version_and_wire_dtype(tmp_path) -> None:
     assert torch.equal(decode_projector(blob)["linear_1.bias"], torch.full((4,), 0.5))  # 0.5 is exact in bfloat16
     with safe_open(store.global_path(0), framework="pt") as stored:  # the download keeps the global's provenance
         assert stored.metadata() == safetensors_metadata(blob)
+
+
+def test_a_float32_global_is_served_as_its_file_and_any_other_is_encoded(tmp_path) -> None:
+    store = RunStore(tmp_path)
+    store.commit_initial_global(store.create("{}", "fedavg"), params(0.5))
+    served = store.encoded_global(0, "float32")
+    assert b"".join(served.chunks) == store.global_path(0).read_bytes()
+    assert served.sha256 == sha256_hex(store.global_path(0).read_bytes())
+    other = RunStore(tmp_path / "other")  # a global file in bfloat16 (not what the coordinator writes)
+    other.commit_initial_global(other.create("{}", "fedavg"), params(0.5))
+    save_params_file(other.global_path(0), {key: value.bfloat16() for key, value in params(0.5).items()})
+    blob = b"".join(other.encoded_global(0, "float32").chunks)
+    assert LAYOUT.admits_size(len(blob)) and decode_projector(blob)["linear_1.bias"].dtype == torch.float32
 
 
 def test_commit_then_resume_sees_exactly_the_committed_state(tmp_path) -> None:
