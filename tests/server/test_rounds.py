@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 import torch
@@ -75,6 +76,8 @@ def test_a_run_goes_to_done_with_fedavg_of_the_uploads(tmp_path) -> None:
     assert torch.allclose(end["linear_1.bias"] - start["linear_1.bias"], torch.full((8,), 3.25))
     first = record.history[0]
     assert first["participants"] == 2 and first["clients"] == ["a", "b"]
+    step = math.sqrt(sum(float((end[key] - start[key]).double().square().sum()) for key in end))
+    assert record.history[1]["global_update_norm"] == pytest.approx(step, rel=1e-5)  # every weight moved 3.25
     assert first["metrics"]["train_loss"] == pytest.approx((1.0 * 10 + 4.0 * 30) / 40)
     assert record.final_metrics["val_loss"] == pytest.approx(0.1)
 
