@@ -12,12 +12,12 @@ s_k = min(1, norm_bound * median_j ||W_t^j - W_t|| / ||W_t^k - W_t||) (base.boun
               r = smallest rank holding a fraction tau of trace(G), r <= r_max
               (tau = 1 keeps every direction the range holds)
     C_k     = U_t^T D_k                                                             [r, n]
-    cbar_i  = sum_k p_k C_k[i] / ||C_k[i]||                  (consensus of unit rows)
-    a_ki    = cos(C_k[i], cbar_i)                            (0 for a zero row)
-    e_ki    = max(0, -a_ki - kappa sigma_i)                  (sigma_i = 1.4826 MAD_i of a_.i over the
-              clients whose row moved: moving against the consensus beyond the honest spread)
+    cbar    = sum_k p_k C_k / ||C_k||_F                      (consensus of the unit coefficient matrices)
+    a_k     = <C_k, cbar>_F / (||C_k||_F ||cbar||_F)         (0 for a zero C_k)
+    e_k     = max(0, -a_k - kappa sigma)                     (sigma = 1.4826 MAD of a over the clients
+              that moved: moving against the consensus beyond the honest spread)
     f_k     = ||C_k||_F^2 / ||D_k||_F^2                      (1 when D_k = 0)
-    w_ki    = p_k f_k^gamma exp(-e_ki / T) / sum_j p_j f_j^gamma exp(-e_ji / T)
+    w_ki    = w_k = p_k f_k^gamma exp(-e_k / T) / sum_j p_j f_j^gamma exp(-e_j / T)   (one vote per client)
     Chat[i] = (1 + rho) (H_i + rho I)^{-1} sum_k w_ki C_k[i],  H_i = sum_k w_ki u_ki u_ki^T  [n, n]
               (u_ki = C_k[i] / ||C_k[i]||: a direction every client moves along identically gets
               that move, rows of different clients that are orthogonal add up instead of being
@@ -200,37 +200,42 @@ MAD_TO_SIGMA = 1.4826  # sigma = 1.4826 MAD for normally distributed values
 
 
 def significant_disagreement(agreement: Tensor, moved: Tensor, kappa: float) -> Tensor:
-    """e_ki = max(0, -a_ki - kappa sigma_i): how far a client moves against the consensus beyond the honest spread.
+    """e_k = max(0, -a_k - kappa sigma): how far a client moves against the consensus beyond the honest spread.
 
-    Honest heterogeneity makes rows orthogonal to the consensus (a near 0), which the
-    overlap-aware fusion adds up; only a row pointing against it (a < 0) by more than kappa
-    sigma_i counts. sigma_i = 1.4826 MAD_i, the scaled median absolute deviation of a_.i from
-    its (lower) median over the clients whose row moved. agreement: a [K, r]; moved: [K, r]
-    bool. A row that did not move gets e = 0. Returns e [K, r].
+    Only a client pointing against the consensus (a < 0) by more than kappa sigma counts.
+    sigma = 1.4826 MAD, the scaled median absolute deviation of a from its (lower) median over
+    the clients that moved. agreement: a [K]; moved: [K] bool. A client that did not move gets
+    e = 0. Returns e [K].
     """
-    scores = torch.where(moved, agreement, math.nan)  # [K, r]
-    median = scores.nanmedian(dim=0).values  # [r]; NaN where no row moved
-    sigma = MAD_TO_SIGMA * (scores - median).abs().nanmedian(dim=0).values  # [r]
-    excess = (-agreement - kappa * sigma).clamp_min(0.0)  # [K, r]
+    scores = torch.where(moved, agreement, math.nan)  # [K]
+    median = scores.nanmedian()  # NaN when no client moved
+    sigma = MAD_TO_SIGMA * (scores - median).abs().nanmedian()
+    excess = (-agreement - kappa * sigma).clamp_min(0.0)  # [K]
     return torch.where(moved, excess, 0.0)
 
 
 def reliability_weights(rows: Rows, p: Tensor, fidelity: Tensor, temperature: float, gamma: float,
                         kappa: float) -> Tensor:
-    """w_ki = p_k f_k^gamma exp(-e_ki / T), normalised over clients k (e: significant_disagreement).
+    """w_ki = w_k = p_k f_k^gamma exp(-e_k / T), normalised over clients k (e: significant_disagreement).
 
-    rows: the rows of C [K, r, n]; p: [K]; fidelity: f [K]. Returns w [K, r].
+    One vote per client, on its whole coefficient matrix: a_k = cos(C_k, cbar), cbar = sum_k p_k
+    C_k / ||C_k||_F. An honest client of another domain opposes the consensus on some rows but
+    shares the common drift, so its whole C_k agrees (a_k > 0); a client sending the negative of
+    the honest move has a_k near -1. rows: the rows of C [K, r, n]; p: [K]; fidelity: f [K].
+    Returns w [K, r] (the same for every row of a client).
     """
-    unit = rows.unit  # [K, r, n]
-    consensus = torch.einsum("k,krn->rn", p, unit)  # cbar [r, n]
-    consensus_norm = torch.linalg.vector_norm(consensus, dim=1)  # [r]
-    agreement = torch.einsum("krn,rn->kr", unit, consensus) / torch.where(consensus_norm > 0, consensus_norm, 1.0)
-    agreement = agreement.clamp(-1.0, 1.0)  # a [K, r]; 0 where either row is zero
-    moved = (rows.norms > 0) & (p[:, None] > 0)  # [K, r]
-    scale = torch.exp(-significant_disagreement(agreement, moved, kappa) / temperature)  # [K, r] in (0, 1]; T = inf: 1
-    weights = (p * fidelity.pow(gamma))[:, None] * scale  # [K, r]
-    total = weights.sum(dim=0, keepdim=True)  # [1, r]
-    return torch.where(total > 0, weights / torch.where(total > 0, total, 1.0), p[:, None])
+    coef = rows.coef.flatten(1)  # C_k flattened, [K, r n]
+    norms = torch.linalg.vector_norm(coef, dim=1)  # ||C_k||_F, [K]
+    unit = coef / torch.where(norms > 0, norms, 1.0)[:, None]  # [K, r n]; a zero C_k stays zero
+    consensus = p @ unit  # cbar [r n]
+    consensus_norm = torch.linalg.vector_norm(consensus)
+    agreement = unit @ consensus / torch.where(consensus_norm > 0, consensus_norm, 1.0)  # a [K]
+    moved = (norms > 0) & (p > 0)  # [K]
+    excess = significant_disagreement(agreement.clamp(-1.0, 1.0), moved, kappa)  # e [K]
+    weights = p * fidelity.pow(gamma) * torch.exp(-excess / temperature)  # [K]; T = inf: p f^gamma
+    total = weights.sum()
+    weights = torch.where(total > 0, weights / torch.where(total > 0, total, 1.0), p)  # [K]
+    return weights[:, None].expand(-1, rows.coef.shape[1])  # [K, r]
 
 
 def overlap_fusion(rows: Rows, weights: Tensor, rho: float) -> Tensor:

@@ -16,7 +16,8 @@ from safetensors.torch import save as st_save
 
 from fedcmp.server.strategies import ClientUpdate, Strategy, available_strategies, build_strategy, hyper_parameters
 from fedcmp.server.strategies.base import sum_of_squares
-from fedcmp.server.strategies.fedcmp import Rows, group_layers, overlap_fusion, select_rank, significant_disagreement
+from fedcmp.server.strategies.fedcmp import (Rows, group_layers, overlap_fusion, reliability_weights, select_rank,
+                                             significant_disagreement)
 
 Params = dict[str, torch.Tensor]
 
@@ -339,17 +340,18 @@ def reference_fedcmp_round(global_params: Params, updates: Sequence[ClientUpdate
         u = vectors[:, :rank]  # U_t [m, r]
         c = [u.T @ dk for dk in d]  # C_k [r, n]
         fidelity = [float(ck.square().sum() / dk.square().sum()) for ck, dk in zip(c, d)]
+        whole = [ck.flatten() / ck.norm() for ck in c]  # the vote looks at each client's whole C_k
+        consensus = sum(p[k] * whole[k] for k in range(len(c)))
+        agree = [float(unit @ consensus / consensus.norm()) for unit in whole]
+        median = statistics.median_low(agree)
+        sigma = 1.4826 * statistics.median_low([abs(a - median) for a in agree])
+        excess = [max(0.0, -a - hp["kappa"] * sigma) for a in agree]
+        w = torch.tensor([p[k] * fidelity[k] ** hp["gamma"] * math.exp(-excess[k] / hp["temperature"])
+                          for k in range(len(c))], dtype=torch.float64)
+        w = w / w.sum()
         fused = torch.zeros(rank, d[0].shape[1], dtype=torch.float64)
         for i in range(rank):
             units = [ck[i] / ck[i].norm() for ck in c]
-            consensus = sum(p[k] * units[k] for k in range(len(c)))
-            agree = [float(unit @ consensus / consensus.norm()) for unit in units]
-            median = statistics.median_low(agree)
-            sigma = 1.4826 * statistics.median_low([abs(a - median) for a in agree])
-            excess = [max(0.0, -a - hp["kappa"] * sigma) for a in agree]
-            w = torch.tensor([p[k] * fidelity[k] ** hp["gamma"] * math.exp(-excess[k] / hp["temperature"])
-                              for k in range(len(c))], dtype=torch.float64)
-            w = w / w.sum()
             h = sum(w[k] * torch.outer(units[k], units[k]) for k in range(len(c)))  # H_i [n, n]
             target = sum(w[k] * c[k][i] for k in range(len(c)))
             fused[i] = (1 + hp["rho"]) * torch.linalg.solve(h + hp["rho"] * torch.eye(len(target), dtype=torch.float64),
@@ -382,16 +384,29 @@ def test_fedcmp_matches_the_documented_formulas() -> None:
 
 
 def test_significant_disagreement_flags_only_moves_against_the_consensus() -> None:
-    agreement = torch.tensor([[0.5], [0.0], [-0.1], [-1.0]])  # a [K, r]: agreeing, orthogonal, slightly against, opposed
-    moved = torch.ones(4, 1, dtype=torch.bool)
+    agreement = torch.tensor([0.5, 0.0, -0.1, -1.0])  # a [K]: agreeing, orthogonal, slightly against, opposed
+    moved = torch.ones(4, dtype=torch.bool)
     # lower median -0.1; |a + 0.1| = 0.6, 0.1, 0, 0.9 -> lower median 0.1, sigma = 0.14826
     excess = significant_disagreement(agreement, moved, kappa=2.0)
-    torch.testing.assert_close(excess, torch.tensor([[0.0], [0.0], [0.0], [1.0 - 2 * 0.14826]]))
+    torch.testing.assert_close(excess, torch.tensor([0.0, 0.0, 0.0, 1.0 - 2 * 0.14826]))
     torch.testing.assert_close(significant_disagreement(agreement, moved, kappa=0.0),
-                               torch.tensor([[0.0], [0.0], [0.1], [1.0]]))
-    assert torch.equal(significant_disagreement(agreement, moved, kappa=20.0), torch.zeros(4, 1))
-    still = torch.tensor([[True], [True], [True], [False]])  # a row that did not move is never flagged
-    assert torch.equal(significant_disagreement(agreement, still, kappa=2.0), torch.zeros(4, 1))
+                               torch.tensor([0.0, 0.0, 0.1, 1.0]))
+    assert torch.equal(significant_disagreement(agreement, moved, kappa=20.0), torch.zeros(4))
+    still = torch.tensor([True, True, True, False])  # a client that did not move is never flagged
+    assert torch.equal(significant_disagreement(agreement, still, kappa=2.0), torch.zeros(4))
+
+
+def test_the_vote_spares_an_honest_client_opposing_one_row_and_drops_an_opposing_client() -> None:
+    shared, own = torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0.0, 0.5, 0.0])
+    gen = torch.Generator().manual_seed(4)
+    honest = [torch.stack([shared, sign * own]) + 0.01 * torch.randn(2, 3, generator=gen)
+              for sign in (1.0, 1.0, 1.0, 1.0, -1.0)]  # C_k [r = 2, n = 3]; client 4 opposes row 1 only
+    attacker = -2.0 * torch.stack(honest).mean(dim=0)  # against the honest move on every row
+    p = torch.full((6,), 1 / 6)
+    weights = reliability_weights(Rows.of(torch.stack([*honest, attacker])), p, torch.ones(6), temperature=0.1,
+                                  gamma=0.0, kappa=2.0)  # w [K, r]
+    torch.testing.assert_close(weights[:5], torch.full((5, 2), 0.2), atol=1e-4, rtol=0)  # honest: p, renormalised
+    assert float(weights[5].max()) < 1e-4  # the attacker: exp(-e / T) with e near 1
 
 
 def test_fedcmp_vote_costs_nothing_when_no_client_disagrees_significantly() -> None:
