@@ -118,6 +118,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if problem:
             log.warning("refused the upload of %s for round %d: %s", client.client_id, header.round, problem)
             self._count_upload("refused")
+            self.coordinator.upload_refused(client, header.round, problem)
             return pb.UploadAck(accepted=False, reason=f"upload refused: {problem}")
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -133,6 +134,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         except BlobIntegrityError as error:
             log.warning("rejected upload of %s for round %d: %s", client.client_id, header.round, error)
             self._count_upload("corrupt")
+            self.coordinator.upload_refused(client, header.round, str(error))
             return pb.UploadAck(accepted=False, reason=f"upload rejected: {error}")
         except UploadStorageError as error:
             log.error("could not store the upload of %s for round %d: %s", client.client_id, header.round, error)
