@@ -458,6 +458,10 @@ class Coordinator:
         mean_round = sum(row["duration_s"] for row in history) / len(history)
         return mean_round * (self.recipe.rounds - self.record.committed_round)
 
+    def milestone(self) -> tuple[str, int, int, bool]:
+        """What status watchers must see every change of (server/status_feed.py): phase, round, commit, health."""
+        return self.phase.value, self.round, self.record.committed_round, self.healthy
+
     async def watch(self) -> AsyncIterator[None]:
         """Yields once now and then after every change, until the run is DONE."""
         while True:
