@@ -3,7 +3,10 @@
 Talks to the coordinator over synchronous gRPC (training blocks anyway). Every call survives a
 coordinator that is briefly away: UNAVAILABLE is retried with capped exponential backoff, and a
 FAILED_PRECONDITION answer (the coordinator restarted and forgot our session) re-registers. Uploads
-are idempotent per (client, round), so a retried upload never counts twice. While a task runs,
+are idempotent per (client, round), so a retried upload never counts twice. A refused upload (the
+coordinator judged its header or contents) is not sent again: the daemon polls for its next task,
+and should the coordinator hand out the refused task again, it waits with capped exponential
+backoff before training it (`RefusalBackoff`). While a task runs,
 a heartbeat thread reports progress (client/heartbeat.py). Each daemon process registers with
 a random instance id, so the coordinator can tell its restart from a second process using
 the same client id (that one is refused until the first has been silent for client_timeout_s).
@@ -96,6 +99,27 @@ class CoordinatorLink:
         self.channel.close()
 
 
+@dataclass
+class RefusalBackoff:
+    """How long to wait before training a task whose upload the coordinator refused: 0 for a new task;
+    for the same (round, global version) again, `first_s` doubling with each refusal up to `max_s`."""
+
+    first_s: float = RECONNECT_BASE_S
+    max_s: float = RECONNECT_MAX_S
+    task: tuple[int, int] | None = None
+    refusals: int = 0
+
+    def refused(self, task: pb.Task) -> None:
+        key = (task.round, task.global_version)
+        self.refusals = self.refusals + 1 if key == self.task else 1
+        self.task = key
+
+    def delay_s(self, task: pb.Task) -> float:
+        if (task.round, task.global_version) != self.task:
+            return 0.0
+        return min(self.first_s * 2 ** (self.refusals - 1), self.max_s)
+
+
 class ClientDaemon:
     """One client's participation in one run. `fetch_recipe` first, then `run` with a loaded session."""
 
@@ -105,6 +129,7 @@ class ClientDaemon:
         self.instance_id = secrets.token_hex(8)  # this process; a restart gets a new one
         self.progress = progress or TrainingProgress(interval_s=30.0)
         self.token = ""
+        self.refusals = RefusalBackoff()
         self._global: tuple[int, dict[str, Tensor]] | None = None
         self.session = None  # the LocalSession, set by run()
         self.backbones: Backbones | None = None  # what the session loaded, set by run()
@@ -155,6 +180,10 @@ class ClientDaemon:
             if kind == "WAIT":
                 time.sleep(task.retry_after_s)
             elif kind == "TRAIN":
+                if delay := self.refusals.delay_s(task):
+                    log.warning("round %d: the coordinator hands out the task it refused the upload of; "
+                                "training it again in %.1fs", task.round, delay)
+                    time.sleep(delay)
                 with self.heartbeat(task) as heartbeat:
                     self.train(task, heartbeat)
             elif kind == "EVALUATE":
@@ -230,7 +259,8 @@ class ClientDaemon:
             self.progress.uploaded()
             log.info("round %d: upload %s (%d bytes)", task.round, "already there" if ack.duplicate else "accepted",
                      len(blob))
-        else:
+        else:  # a refusal is for what the upload holds: sending it again cannot help
+            self.refusals.refused(task)
             log.warning("round %d: upload refused: %s", task.round, ack.reason)
 
     def evaluate(self, task: pb.Task) -> None:

@@ -108,6 +108,9 @@ class Coordinator:
         self.clients: dict[str, ClientRecord] = {}
         self.selected: list[str] = []
         self.reported: set[str] = set()
+        # Selected clients of the open round whose upload was refused for what it holds (id -> reason): retraining
+        # the same task would be refused again, so until the round (re-)opens it neither waits for nor tasks them.
+        self.refused: dict[str, str] = {}
         self.evaluations: dict[str, tuple[int, dict[str, float]]] = {}
         self.told_done: set[str] = set()
         self.healthy = True
@@ -152,6 +155,7 @@ class Coordinator:
         previous = self.clients.get(client_id)
         if previous is not None and previous.instance_id != instance_id:
             log.info("%s restarted (new client process); it takes its id back", client_id)
+            self.refused.pop(client_id, None)  # a new process (perhaps a fixed one) may train the round again
         token = secrets.token_hex(16)
         self.clients[client_id] = ClientRecord(client_id, instance_id, num_samples, num_eval_samples, token, now,
                                                shapes=dict(shapes), backbones=backbones)
@@ -211,6 +215,10 @@ class Coordinator:
         if self.phase is Phase.DONE:
             self.told_done.add(client.client_id)
             return TaskSpec("DONE", message="the run is finished")
+        if self.phase is Phase.TRAINING and client.client_id in self.refused:
+            reason = self.refused[client.client_id]
+            return TaskSpec("WAIT", message=f"your upload for round {self.round} was refused ({reason}); "
+                                            "wait for the next round")
         if self.phase is Phase.TRAINING and client.client_id in self.selected and client.client_id not in self.reported:
             client.state = "training"
             steps = self.recipe.local_steps_for(client.num_samples)
@@ -244,8 +252,18 @@ class Coordinator:
                                   f"v{self.record.global_version}")
         return None
 
+    def upload_refused(self, client: ClientRecord, round_index: int, reason: str) -> None:
+        """A selected client's upload for the open round was refused for its header or contents: the same task
+        would be refused again, so the client leaves the round's waiting list and gets WAIT until the next one."""
+        if (self.phase is Phase.TRAINING and round_index == self.round and client.client_id in self.selected
+                and client.client_id not in self.reported):
+            self.refused[client.client_id] = reason
+            client.state = "refused"
+            self._notify()
+
     def upload_accepted(self, client: ClientRecord, round_index: int) -> None:
         if self.phase is Phase.TRAINING and round_index == self.round:
+            self.refused.pop(client.client_id, None)
             self.reported.add(client.client_id)
             client.state = "uploaded"
             self._notify()
@@ -329,20 +347,23 @@ class Coordinator:
     async def _collect_uploads(self, round_index: int) -> bool:
         """Run the TRAINING phase of a round; True when there are uploads to aggregate.
 
-        The round closes when every selected client still in it has uploaded; at its deadline
-        when a quorum of them has; at twice the deadline with whatever uploads there are (live
-        stragglers heartbeat, so they get one more timeout). Gone clients leave the round.
+        The round closes when every selected client still in it has uploaded or had its upload
+        refused, with at least one upload; at its deadline when a quorum of them has uploaded; at
+        twice the deadline with whatever uploads there are (live stragglers heartbeat, so they get
+        one more timeout). Gone clients leave the round. A client whose upload was refused is asked
+        nothing more until the round is (re-)opened: so it retries at most once per opening.
         """
         self.selected = choose_clients(self._candidates(), self.recipe, round_index)
         # Uploads spilled before a restart were trained from this same global version: keep them.
         self.reported = {upload.client_id for upload in self.store.uploads(round_index)} & set(self.selected)
+        self.refused = {}
         self.phase = Phase.TRAINING
         self._round_started = time.monotonic()
         log.info("round %d/%d: training on %s", round_index, self.recipe.rounds, ", ".join(self.selected))
         self._notify()
         deadline = self._round_started + self.recipe.round_timeout_s
         last_call = deadline + self.recipe.round_timeout_s
-        while not set(self.selected) <= self.reported:
+        while set(self.selected) - self.reported - set(self.refused) or (self.refused and not self.reported):
             now = time.monotonic()
             if now >= deadline and len(self.reported) >= self._needed():
                 log.warning("round %d deadline: aggregating %d of %d selected clients", round_index,
@@ -444,6 +465,10 @@ class Coordinator:
             return -1.0
         mean_round = sum(row["duration_s"] for row in history) / len(history)
         return mean_round * (self.recipe.rounds - self.record.committed_round)
+
+    def milestone(self) -> tuple[str, int, int, bool]:
+        """What status watchers must see every change of (server/status_feed.py): phase, round, commit, health."""
+        return self.phase.value, self.round, self.record.committed_round, self.healthy
 
     async def watch(self) -> AsyncIterator[None]:
         """Yields once now and then after every change, until the run is DONE."""

@@ -3,7 +3,8 @@
 Runs on grpc.aio. Sessions are checked on every call; blobs stream in CHUNK_BYTES chunks both
 ways; uploads are spilled to disk chunk by chunk, never held whole in memory. The event loop only
 moves bytes: an upload's header is judged here, its chunks are hashed, checked and written on the
-store's I/O pool, and a download is served from the global's one encoded buffer.
+store's I/O pool, and a download is served from the global's one encoded buffer. WatchStatus
+streams share one status build per burst of changes (server/status_feed.py).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from fedcmp.common.wire import coordinator_pb2_grpc as pb_grpc
 from fedcmp.server.liveness import ClientRecord, Progress
 from fedcmp.server.rounds import Coordinator, SessionError, TaskSpec, capped
 from fedcmp.server.security import BearerTokenInterceptor, bearer_token, token_owner
+from fedcmp.server.status_feed import StatusFeed
 from fedcmp.server.store import UploadStorageError
 from fedcmp.server.upload_rules import max_upload_samples, upload_header_problem
 
@@ -44,6 +46,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
     def __init__(self, coordinator: Coordinator, tokens: dict[str, str] | None = None) -> None:
         self.coordinator = coordinator
         self.tokens = tokens  # bearer token -> client id, when --auth-tokens is on
+        self.status_feed = StatusFeed(coordinator.watch, lambda: status_message(coordinator), coordinator.milestone)
 
     async def _session(self, client_id: str, token: str, context: grpc.aio.ServicerContext) -> ClientRecord:
         try:
@@ -118,6 +121,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         if problem:
             log.warning("refused the upload of %s for round %d: %s", client.client_id, header.round, problem)
             self._count_upload("refused")
+            self.coordinator.upload_refused(client, header.round, problem)
             return pb.UploadAck(accepted=False, reason=f"upload refused: {problem}")
 
         async def chunks() -> AsyncIterator[bytes]:
@@ -133,6 +137,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         except BlobIntegrityError as error:
             log.warning("rejected upload of %s for round %d: %s", client.client_id, header.round, error)
             self._count_upload("corrupt")
+            self.coordinator.upload_refused(client, header.round, str(error))
             return pb.UploadAck(accepted=False, reason=f"upload rejected: {error}")
         except UploadStorageError as error:
             log.error("could not store the upload of %s for round %d: %s", client.client_id, header.round, error)
@@ -165,8 +170,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
     async def WatchStatus(self, request: pb.StatusRequest,
                           context: grpc.aio.ServicerContext) -> AsyncIterator[pb.Status]:
-        async for _ in self.coordinator.watch():
-            yield status_message(self.coordinator)
+        async for snapshot in self.status_feed.watch():
+            yield snapshot
 
 
 def task_message(task: TaskSpec) -> pb.Task:

@@ -197,6 +197,32 @@ def test_an_upload_header_out_of_bounds_is_refused_and_the_round_goes_on(loopbac
     assert set(committed) >= {"round", "participants", "duration_s"} and committed["metrics"] == {"train_loss": 1.0}
 
 
+@pytest.mark.parametrize("refused_upload", ["header", "contents"])
+def test_a_refused_client_is_not_handed_the_same_task_again_and_the_round_closes_without_it(loopback,
+                                                                                          refused_upload) -> None:
+    """Issue 12: a client whose upload was refused got TRAIN again at once and re-uploaded in a tight loop."""
+    server = loopback(min_clients=2, heartbeat_interval_s=0.5, client_timeout_s=5.0)
+    tokens = {client_id: server.register(client_id) for client_id in ("a", "b")}
+    tasks = {client_id: server.train_task(client_id, token) for client_id, token in tokens.items()}
+    params = server.global_params("a", tokens["a"], tasks["a"].global_version)
+    if refused_upload == "header":
+        bad = upload_messages("a", tokens["a"], tasks["a"], encode_projector(shifted(params, 0.5), "float32"),
+                              num_samples=SAMPLES * 10)
+    else:
+        bad = upload_messages("a", tokens["a"], tasks["a"], encode_projector(shifted(params, float("nan")), "float32"))
+    ack = server.stub.UploadUpdate(bad)
+    assert not ack.accepted
+    task = server.stub.PollTask(pb.PollTaskRequest(client_id="a", session_token=tokens["a"]))
+    assert pb.Task.Kind.Name(task.kind) == "WAIT" and "was refused" in task.message, task
+    began = time.monotonic()
+    ack = server.stub.UploadUpdate(upload_messages("b", tokens["b"], tasks["b"],
+                                                   encode_projector(shifted(params, 0.5), "float32")))
+    assert ack.accepted, ack.reason
+    server.wait_committed(1)  # without waiting for "a" until the round's deadline (60 s)
+    assert time.monotonic() - began < 10
+    assert server.coordinator.record.history[0]["clients"] == ["b"]
+
+
 @pytest.mark.parametrize("dtype, reason", [
     (torch.float16, r"size of the projector in a 2-byte dtype \(F16"),
     (torch.int64, r"dtype I64 is refused: this run's wire dtype is float32"),
