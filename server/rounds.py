@@ -118,6 +118,10 @@ class Coordinator:
         self.started = time.monotonic()
         self._round_started = self.started
         self._changed = asyncio.Event()
+        # Held polls wake on milestones only: at hundreds of clients every upload or registration woke
+        # every held poll (O(K^2) task checks a round on the event loop, issue 12).
+        self._tasks_changed = asyncio.Event()
+        self._tasks_milestone: tuple[str, int, int, bool] | None = None
 
     # ---- notifications --------------------------------------------------------------------
     def _notify(self) -> None:
@@ -125,10 +129,16 @@ class Coordinator:
             self.metrics.set_phase(self.phase, self.round, len(self.clients))
         self._changed.set()
         self._changed = asyncio.Event()
+        if self.milestone() != self._tasks_milestone:  # only a milestone can turn a WAIT into a task
+            self._tasks_milestone = self.milestone()
+            self._tasks_changed.set()
+            self._tasks_changed = asyncio.Event()
 
-    async def _wait_change(self, timeout: float) -> None:
+    async def _wait_change(self, timeout: float, tasks_only: bool = False) -> None:
+        """Until the next change (with `tasks_only`: the next milestone, see `next_task`), or `timeout` seconds."""
+        changed = self._tasks_changed if tasks_only else self._changed
         try:
-            await asyncio.wait_for(self._changed.wait(), timeout=max(timeout, 0.0))
+            await asyncio.wait_for(changed.wait(), timeout=max(timeout, 0.0))
         except asyncio.TimeoutError:
             pass
 
@@ -201,7 +211,8 @@ class Coordinator:
     # ---- tasks ------------------------------------------------------------------------------
     async def next_task(self, client: ClientRecord, hold_s: float = POLL_HOLD_S) -> TaskSpec:
         """The client's next task, holding the call while there is none (at most a heartbeat interval,
-        so a waiting client is heard from as often as a working one)."""
+        so a waiting client is heard from as often as a working one). A held call looks again only
+        when a milestone (phase, round, commit, health) moves: nothing else turns a WAIT into a task."""
         deadline = time.monotonic() + min(hold_s, self.recipe.heartbeat_interval_s)
         while True:
             task = self._task_for(client)
@@ -209,7 +220,7 @@ class Coordinator:
             if task.kind != "WAIT" or remaining <= 0:
                 touch(client, time.monotonic())
                 return task
-            await self._wait_change(remaining)
+            await self._wait_change(remaining, tasks_only=True)
 
     def _task_for(self, client: ClientRecord) -> TaskSpec:
         if self.phase is Phase.DONE:

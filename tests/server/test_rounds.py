@@ -82,6 +82,40 @@ def test_a_run_goes_to_done_with_fedavg_of_the_uploads(tmp_path) -> None:
     assert record.final_metrics["val_loss"] == pytest.approx(0.1)
 
 
+def test_held_polls_look_again_on_milestones_not_on_every_change(tmp_path) -> None:
+    async def scenario() -> tuple[int, list[str]]:
+        coordinator = make_coordinator(tmp_path, min_clients=40)
+        looks = 0
+        task_for = coordinator._task_for
+
+        def counting(client):  # how often held polls look for a task
+            nonlocal looks
+            looks += 1
+            return task_for(client)
+
+        coordinator._task_for = counting
+        run = asyncio.create_task(coordinator.run())
+        await asyncio.sleep(0.05)  # the run waits for clients
+        waiting = []
+        for index in range(20):
+            verdict = coordinator.register(f"w{index:02d}", f"w{index}", dict(SHAPES), 10, 1)
+            waiting.append(asyncio.create_task(coordinator.next_task(
+                coordinator.authenticate(f"w{index:02d}", verdict.token), hold_s=30.0)))
+        await asyncio.sleep(0.05)  # every poll is held now
+        for index in range(19):  # 19 more registrations: changes, but no milestone
+            coordinator.register(f"x{index:02d}", f"x{index}", dict(SHAPES), 10, 1)
+            await asyncio.sleep(0)
+        looks_before_the_round = looks
+        coordinator.register("last", "last", dict(SHAPES), 10, 1)  # the 40th: round 1 opens, a milestone
+        kinds = [task.kind for task in await asyncio.wait_for(asyncio.gather(*waiting), timeout=10)]
+        run.cancel()
+        return looks_before_the_round, kinds
+
+    looks, kinds = asyncio.run(scenario())
+    assert looks <= 20  # each held poll looked once when it came; 20 x 19 = 380 if every change woke them all
+    assert kinds == ["TRAIN"] * 20  # the milestone woke every held poll at once
+
+
 def test_a_mismatched_projector_is_refused_naming_both_shapes(tmp_path) -> None:
     coordinator = make_coordinator(tmp_path, vision_hidden=6, text_hidden=8)  # widths pinned: the shape is fixed
     assert coordinator.register("first", "p1", dict(SHAPES), 10, 1).accepted
