@@ -4,12 +4,15 @@ Both train the same projector on the same frozen backbones, the same batches (fe
 stream), batch size, dtype and device:
 
 - **plain**: transformers' `LlavaForConditionalGeneration` as LLaVA's stage 1 drives it: each
-  step decodes the images, runs the image processor, and calls the model with `input_ids`
-  (BOS + one `<image>` token per patch + caption + "\\n"), `pixel_values`, `attention_mask` and
-  `labels` (-100 on BOS, image and padding); `loss.backward()`, AdamW step on the projector.
-- **fedcmp, cache on**: `LocalSession.train_round`, features precomputed once (not timed).
-- **fedcmp, cache off**: the same `train_round`, with a feature store that decodes the images
-  and runs the vision tower on every batch (`ProjectorMLLM.encode_images`), as the plain loop.
+  step does what LLaVA's dataset and collator do (open and decode the images, run the image
+  processor, tokenize the captions, pad to the batch's longest), then calls the model with
+  `input_ids` (BOS + one `<image>` token per patch + caption + "\\n"), `pixel_values`,
+  `attention_mask`, `labels` (-100 on BOS, image and padding) and `use_cache=False` (LLaVA's
+  train.py); `loss.backward()`, AdamW step on the projector.
+- **fedcmp, cache on** / **cache off**: `LocalSession.train_round` of the sessions `fedcmp-client`
+  opens with `--feature-cache disk` (features encoded once into the memory-mapped cache, not
+  timed) and `--feature-cache off` (`LiveFeatures`: the vision tower on every batch, `--workers`
+  DataLoader processes decoding the images ahead, as the client's default 2).
 
 Backbones are random, of LLaVA-1.5-7B's shapes scaled down: CLIP ViT-L/14-336 with widths and
 depth / 4 and the image side / 2 (144 patches instead of 576), Vicuna-7B with widths and depth
@@ -17,21 +20,24 @@ depth / 4 and the image side / 2 (144 patches instead of 576), Vicuna-7B with wi
 shrunk 64-fold keeps the LM head's share of the LM's compute as at 7B, about 2%; `--vocab 32000`
 keeps Vicuna's own), the micro zoo's byte-level tokenizer (418 tokens). The three loops run
 interleaved, `--repeats` times, so all see the same machine load; for each the script prints the
-median samples/s by wall clock and by this process's CPU time (with one thread, close to the
-wall time of an unloaded machine, and far less disturbed by other processes), and the ratios of
-fedcmp to plain, medians of the per-repeat ratios. Before timing, both sides' losses on the
-first batch are printed: they must agree (same objective).
+median samples/s by wall clock and by CPU time (this process's and its decoding workers'; with
+one thread, close to the wall time of an unloaded machine, and far less disturbed by other
+processes), and the ratios of fedcmp to plain, medians of the per-repeat ratios. Before timing,
+both sides' losses on the first batch are printed: they must agree (same objective). After it,
+where one batch's CPU time goes: the plain loop's inputs (decoding, image processor,
+tokenization), the vision tower, fedcmp's cached forward and backward, the whole plain step.
 
-    python bench/bench_train_throughput.py [--batch-size 8] [--steps 2] [--repeats 8]
-                                           [--threads 1] [--vocab 500] [--device cpu] [--precision fp32]
+    python bench/bench_train_throughput.py [--batch-size 8] [--steps 2] [--repeats 8] [--threads 1]
+                                           [--workers 2] [--vocab 500] [--device cpu] [--precision fp32]
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -40,9 +46,7 @@ from torch import Tensor
 from transformers import AutoTokenizer, CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, LlamaConfig
 from transformers import LlamaForCausalLM
 
-from fedcmp.client.data import load_llava_json
-from fedcmp.client.features import EncodedSplit
-from fedcmp.client.model import ProjectorMLLM
+from fedcmp.client.data import DataOptions, scan_data
 from fedcmp.client.precision import autocast
 from fedcmp.client.trainer import LocalSession, batch_schedule
 from fedcmp.common.datagen import generate_federation
@@ -73,47 +77,23 @@ def save_backbones(root: Path, vocab: int, cache_dir: Path | None) -> tuple[Path
     return vision, llm
 
 
-class LiveTower:
-    """A feature store that decodes the images and runs the frozen tower on every batch (cache off)."""
-
-    def __init__(self, model: ProjectorMLLM, paths: Sequence[Path]) -> None:
-        self.model = model
-        self.paths = list(paths)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, rows: Tensor) -> Tensor:
-        paths = [self.paths[row] for row in rows.tolist()]
-        return self.model.encode_images(paths, batch_size=len(paths))  # [b, P, vision_hidden]
-
-    def batches(self, index_batches: Sequence[Tensor]) -> Iterator[Tensor]:
-        return (self[rows] for rows in index_batches)
-
-
 class PlainLlavaLoop:
-    """LLaVA's stage-1 step in plain transformers: image loading, processor, full Llava forward with labels."""
+    """LLaVA's stage-1 step in plain transformers: per step, what LLaVA's dataset and collator do
+    (open and decode the images, run the image processor, tokenize the captions, pad to the batch's
+    longest), then the full Llava forward with labels, backward, AdamW step on the projector."""
 
-    def __init__(self, session: LocalSession, paths: Sequence[Path]) -> None:
+    def __init__(self, session: LocalSession, paths: Sequence[Path], captions: Sequence[str]) -> None:
         self.model = session.model
-        self.split = session.train
-        self.paths = list(paths)
-        self.recipe = session.recipe
+        self.paths, self.captions = list(paths), list(captions)
         self.tower_dtype = next(self.model.llava.model.vision_tower.parameters()).dtype
         self.optimizer = torch.optim.AdamW(self.model.projector.parameters(), lr=session.recipe.lr, weight_decay=0.0)
 
     def inputs(self, rows: Tensor) -> dict[str, Tensor]:
         """input_ids [B, 1 + P + L], attention_mask, labels (-100 but on the caption), pixel_values."""
         model, device = self.model, self.model.device
-        caption_ids, caption_mask = self.split.caption_ids[rows], self.split.caption_mask[rows]  # [B, L]
-        batch = rows.shape[0]
-        prefix = torch.tensor(model.template.prefix_ids, dtype=torch.long).expand(batch, -1)  # [B, 1]: BOS
-        image = torch.full((batch, model.num_image_tokens), model.image_token_id)  # [B, P]
-        pad = model.tokenizer.pad_token_id
-        input_ids = torch.cat([prefix, image, caption_ids.masked_fill(caption_mask == 0, pad)], dim=1)
-        attention_mask = torch.cat([torch.ones_like(prefix), torch.ones_like(image), caption_mask], dim=1)
-        labels = torch.cat([torch.full_like(prefix, -100), torch.full_like(image, -100),
-                            caption_ids.masked_fill(caption_mask == 0, -100)], dim=1)
+        caption_ids, caption_mask = model.template.encode([self.captions[row] for row in rows.tolist()])  # [B, L]
+        input_ids, attention_mask, labels = model.template.llava_inputs(
+            caption_ids, caption_mask, model.image_token_id, model.num_image_tokens)  # [B, 1 + P + L] each
         images = [Image.open(self.paths[row]).convert("RGB") for row in rows.tolist()]
         pixel_values = model.image_processor(images=images, return_tensors="pt")["pixel_values"]
         return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
@@ -121,7 +101,7 @@ class PlainLlavaLoop:
 
     def loss(self, rows: Tensor) -> Tensor:
         with autocast(self.model.precision, self.model.device):
-            return self.model.llava(**self.inputs(rows)).loss
+            return self.model.llava(**self.inputs(rows), use_cache=False).loss  # LLaVA's train.py: use_cache False
 
     def train(self, schedule: Tensor) -> None:
         for rows in schedule:  # [B] each
@@ -130,15 +110,49 @@ class PlainLlavaLoop:
             self.optimizer.zero_grad(set_to_none=True)
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (the DataLoader's decoding workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def timed(run: Callable[[], None], device: torch.device) -> tuple[float, float]:
-    """Wall-clock and CPU seconds (this process) of `run`."""
+    """Wall-clock and CPU seconds (this process and the workers it started) of `run`."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    wall, cpu = time.perf_counter(), time.process_time()
+    wall, cpu = time.perf_counter(), cpu_seconds()
     run()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return time.perf_counter() - wall, time.process_time() - cpu
+    return time.perf_counter() - wall, cpu_seconds() - cpu
+
+
+def breakdown(session: LocalSession, plain: PlainLlavaLoop, rows: Tensor, repeats: int) -> None:
+    """Median CPU milliseconds of one batch's parts, interleaved `repeats` times (after a warm-up)."""
+    model = session.model
+
+    def fedcmp_step() -> None:
+        batch = next(session.train.batches([rows]))
+        nll, tokens = model.caption_nll(batch.features, batch.caption_ids, batch.caption_mask)
+        (nll.sum() / tokens.sum()).backward()
+
+    pixel_values = plain.inputs(rows)["pixel_values"]
+    parts: dict[str, Callable[[], object]] = {
+        "plain loop's inputs (decode, image processor, tokenize)": lambda: plain.inputs(rows),
+        "vision tower forward": lambda: model.image_features(pixel_values),
+        "fedcmp cached step (features read, LM forward + backward)": fedcmp_step,
+        "plain loop's whole step (inputs, Llava forward + backward)": lambda: plain.loss(rows).backward(),
+    }
+    times: dict[str, list[float]] = {name: [] for name in parts}
+    for repeat in range(repeats + 1):
+        for name, part in parts.items():
+            start = cpu_seconds()
+            part()
+            if repeat:
+                times[name].append(cpu_seconds() - start)
+    model.projector.zero_grad(set_to_none=True)
+    for name, seconds in times.items():
+        print(f"one batch, CPU time: {name}: median {1000 * statistics.median(seconds):.0f} ms")
 
 
 def report(name: str, rates: dict[str, list[float]], unit: str) -> None:
@@ -157,6 +171,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--samples", type=int, default=48, help="examples in the synthetic dataset")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=DataOptions.workers,
+                        help="fedcmp-client's --workers: processes decoding images with the cache off")
     parser.add_argument("--vocab", type=int, default=VOCAB, help="the LM's vocabulary (Vicuna: 32000)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
@@ -171,31 +187,38 @@ def main() -> None:
                                    test_samples=1, seed=0, image_size=336) / "client_0"
         recipe = Recipe(vision_model=str(vision), llm=str(llm), batch_size=args.batch_size, val_fraction=0.0,
                         lr=1e-3, lr_schedule="constant", precision=args.precision)
-        session = LocalSession.open(data, recipe, client_id="bench", device=args.device)
-        paths = [example.image_path for example in load_llava_json(data)]  # val_fraction 0: train rows in order
-        model, device = session.model, session.model.device
-        cached = session.train
-        live = EncodedSplit(cached.ids, LiveTower(model, paths), cached.caption_ids, cached.caption_mask)
-        plain = PlainLlavaLoop(session, paths)
+        options = DataOptions(feature_cache_dir=root / "features", workers=args.workers)
+        # What fedcmp-client opens with --feature-cache disk and with --feature-cache off, on one shared model.
+        cached = LocalSession.open(data, recipe, client_id="bench", device=args.device, options=options)
+        model, device = cached.model, cached.model.device
+        live = LocalSession.from_scan(model, recipe.overridden({"feature_cache": "off"}, "the benchmark"), "bench",
+                                      scan_data(data, options), options)
+        scanned = scan_data(data, options)  # val_fraction 0: the train split is every row, in order
+        paths = [scanned.source.entry(row).image_path for row in scanned.rows.tolist()]
+        plain = PlainLlavaLoop(cached, paths, scanned.captions)
         params = model.projector_params()
 
-        first = batch_schedule(recipe.seed, "bench", 0, 1, args.batch_size, len(cached))[0]  # [B]
+        first = batch_schedule(recipe.seed, "bench", 0, 1, args.batch_size, cached.num_train_samples)[0]  # [B]
         with torch.no_grad():
-            batch = next(cached.batches([first]))
-            nll, tokens = model.caption_nll(batch.features, batch.caption_ids, batch.caption_mask)
-            fedcmp_loss, plain_loss = (nll.sum() / tokens.sum()).item(), plain.loss(first).item()
-        print(f"loss on the first batch: fedcmp {fedcmp_loss:.6f}, plain transformers {plain_loss:.6f}")
+            losses = {}
+            for name, session in (("cache on", cached), ("cache off", live)):
+                batch = next(session.train.batches([first]))
+                nll, tokens = model.caption_nll(batch.features, batch.caption_ids, batch.caption_mask)
+                losses[name] = (nll.sum() / tokens.sum()).item()
+            plain_loss = plain.loss(first).item()
+        print(f"loss on the first batch: fedcmp cache on {losses['cache on']:.6f}, cache off "
+              f"{losses['cache off']:.6f} (features rounded to {recipe.feature_dtype}), plain transformers "
+              f"{plain_loss:.6f}")
         print(f"shapes: vision {VISION}, llm {LLM}, vocab {args.vocab}; {model.num_image_tokens} image tokens, "
-              f"batch {args.batch_size}, {args.precision} on {device}, {args.threads} threads")
+              f"batch {args.batch_size}, {args.precision} on {device}, {args.threads} threads, "
+              f"{args.workers} decoding workers with the cache off")
 
-        def fedcmp(split: EncodedSplit, round_index: int) -> Callable[[], None]:
-            def run() -> None:
-                session.train = split
-                session.train_round(params, round_index, args.steps)
-            return run
+        def fedcmp(session: LocalSession, round_index: int) -> Callable[[], None]:
+            return lambda: session.train_round(params, round_index, args.steps)
 
         def plain_run(round_index: int) -> Callable[[], None]:
-            schedule = batch_schedule(recipe.seed, "bench", round_index, args.steps, args.batch_size, len(cached))
+            schedule = batch_schedule(recipe.seed, "bench", round_index, args.steps, args.batch_size,
+                                      cached.num_train_samples)
             return lambda: plain.train(schedule)
 
         samples = args.steps * args.batch_size
@@ -210,6 +233,8 @@ def main() -> None:
                     cpu_rates[name].append(samples / cpu)
         report("wall clock", wall_rates, "samples/s")
         report("CPU time", cpu_rates, "samples per CPU-second")
+        breakdown(cached, plain, first, args.repeats)
+
 
 if __name__ == "__main__":
     main()

@@ -219,8 +219,8 @@ class ProjectorMLLM:
             inputs_embeds = torch.cat([prefix_embeds, image_embeds, caption_embeds], dim=1)  # [B, head + L, text_hidden]
             attention_mask = torch.cat([caption_mask.new_ones(batch, head), caption_mask], dim=1)  # [B, head + L]
             hidden = self.llava.model.language_model(
-                inputs_embeds=inputs_embeds, attention_mask=attention_mask
-            ).last_hidden_state  # [B, head + L, text_hidden]
+                inputs_embeds=inputs_embeds, attention_mask=attention_mask, use_cache=False
+            ).last_hidden_state  # [B, head + L, text_hidden]; no KV cache: nothing is generated (LLaVA's train.py too)
             # LLaVA's labels are -100 on BOS and the image, then the caption ids (pads -100), and
             # position t predicts token t + 1: positions head - 1 .. head + L - 2 predict the L
             # caption tokens, so logits are computed only there.

@@ -98,6 +98,20 @@ def test_only_caption_tokens_are_supervised(model: ProjectorMLLM, scenes: Path) 
     torch.testing.assert_close(nll[1:2], alone)
 
 
+def test_caption_nll_keeps_no_kv_cache(model: ProjectorMLLM, scenes: Path) -> None:
+    # A training or evaluation forward generates nothing: a KV cache would only hold every layer's keys
+    # and values alive until the forward ends (LLaVA's train.py sets use_cache False for the same reason).
+    paths, captions = _batch(model, scenes, 2)
+    outputs = []
+    hook = model.llava.model.language_model.register_forward_hook(lambda module, args, output: outputs.append(output))
+    try:
+        with torch.no_grad():
+            model.caption_nll(model.encode_images(paths, batch_size=2), *model.tokenize_captions(captions))
+    finally:
+        hook.remove()
+    assert len(outputs) == 1 and outputs[0].past_key_values is None
+
+
 @pytest.mark.parametrize("bos", [True, False], ids=["bos", "no-bos"])  # no BOS: GPT-2/Qwen-style tokenizers
 def test_caption_nll_equals_full_llava_forward(model: ProjectorMLLM, scenes: Path, bos: bool,
                                                monkeypatch: pytest.MonkeyPatch) -> None:

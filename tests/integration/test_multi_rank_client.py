@@ -1,6 +1,8 @@
 """`torchrun --nproc-per-node 2 -m fedcmp.client` is one client: rank 0 talks to the coordinator,
 both ranks train, and the upload is the update one process makes with the same effective batch.
-When rank 0 fails between rounds (here: no coordinator), it tells the other ranks to stop."""
+The same holds across two torchrun "nodes" (two agents on 127.0.0.1, static rendezvous), where
+the other node's `--server` is never contacted. When rank 0 fails between rounds (here: no
+coordinator), it tells the other ranks to stop."""
 from __future__ import annotations
 
 import socket
@@ -25,14 +27,15 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _torchrun_client(nproc: int) -> list[str]:
-    """torchrun with a static rendezvous on 127.0.0.1, around `python -m fedcmp.client`."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
-            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), "-m", "fedcmp.client"]
+def _torchrun_client(nproc: int, nnodes: int = 1, node_rank: int = 0, port: int | None = None) -> list[str]:
+    """torchrun with a static rendezvous on 127.0.0.1 (node `node_rank` of `nnodes`), around
+    `python -m fedcmp.client`. Static: node 0 hosts rank 0, the one that talks to the coordinator."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node-rank", str(node_rank),
+            "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(port or _free_port()),
+            "-m", "fedcmp.client"]
 
 
-def test_two_rank_client_uploads_the_one_process_update(processes, two_client_data: Path, tmp_path: Path,
-                                                         micro_zoo) -> None:
+def _sgd_recipe(tmp_path: Path) -> Path:
     # SGD: its update scales with the gradient (Adam's would hide a gradient off by the rank count);
     # FedProx's term is added after the all-reduce, once per rank. 6 examples per step: 3 per rank,
     # forwarded 2 + 1 (--micro-batch-size 2).
@@ -40,16 +43,48 @@ def test_two_rank_client_uploads_the_one_process_update(processes, two_client_da
     config.write_text(yaml.safe_dump({"rounds": 1, "min_clients": 1, "strategy": "fedavg", "local_steps": 3,
                                       "seed": 5, "optimizer": "sgd", "lr": 2.0, "batch_size": 6,
                                       "proximal_mu": 0.5}))
+    return config
+
+
+def _client_flags(data: Path, cache_dir: Path) -> list[str]:
+    return ["--data", str(data), "--cache-dir", str(cache_dir), "--threads", "1", "--no-progress",
+            "--micro-batch-size", "2"]
+
+
+def test_two_rank_client_uploads_the_one_process_update(processes, two_client_data: Path, tmp_path: Path,
+                                                         micro_zoo) -> None:
+    config = _sgd_recipe(tmp_path)
     state = tmp_path / "state"
     server, address = processes.server(state, "--config", str(config))
     data = two_client_data / "client_0"
-    client = processes.launch("client_0", [*_torchrun_client(2), "--server", address, "--data", str(data),
-                                           "--cache-dir", str(micro_zoo.root.parent), "--threads", "1",
-                                           "--no-progress", "--micro-batch-size", "2"], env=RANK_ENV)
+    client = processes.launch("client_0", [*_torchrun_client(2), "--server", address,
+                                           *_client_flags(data, micro_zoo.root.parent)], env=RANK_ENV)
     assert processes.wait(client) == 0, client.log_path.read_text()[-3000:]
     assert processes.wait(server) == 0
-    uploaded = load_params_file(state / "global" / "v1.safetensors")  # FedAvg of one client: its upload
+    _assert_one_process_update(load_params_file(state / "global" / "v1.safetensors"), config, data, micro_zoo)
 
+
+def test_client_on_two_nodes_uploads_the_one_process_update(processes, two_client_data: Path, tmp_path: Path,
+                                                             micro_zoo) -> None:
+    # Two torchrun agents, one rank each, as two nodes would start them. Node 1 is handed a coordinator
+    # address where nothing listens: only rank 0 (node 0) ever talks to the coordinator.
+    config = _sgd_recipe(tmp_path)
+    state = tmp_path / "state"
+    server, address = processes.server(state, "--config", str(config))
+    data = two_client_data / "client_0"
+    port = _free_port()
+    nodes = [processes.launch(f"node{node}", [*_torchrun_client(1, nnodes=2, node_rank=node, port=port),
+                                              "--server", address if node == 0 else f"127.0.0.1:{_free_port()}",
+                                              *_client_flags(data, micro_zoo.root.parent)], env=RANK_ENV)
+             for node in (0, 1)]
+    for node in nodes:
+        assert processes.wait(node) == 0, node.log_path.read_text()[-3000:]
+    assert processes.wait(server) == 0
+    _assert_one_process_update(load_params_file(state / "global" / "v1.safetensors"), config, data, micro_zoo)
+
+
+def _assert_one_process_update(uploaded: dict[str, torch.Tensor], config: Path, data: Path, micro_zoo) -> None:
+    """`uploaded` (FedAvg of one client: its upload) moved the projector as one process's round does."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
