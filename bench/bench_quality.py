@@ -11,6 +11,11 @@ report is computed from this run's raw rows (also written, as results.jsonl).
 
     python bench/bench_quality.py --out docs            # full: 3 seeds
     python bench/bench_quality.py --quick --out runs/q  # 1 seed, fewer rounds
+    python bench/bench_quality.py --quick --methods fedcmp fedcmp-no-norm-bound --out runs/nb
+
+`--methods` runs only the named methods, plus `fedavg` always: the report measures against it
+(rounds to FedAvg's final NLL, the update cosines of FedAvg's rounds). The share of the FedAvg ->
+centralized gap closed is reported only when `centralized` ran.
 """
 from __future__ import annotations
 
@@ -36,6 +41,21 @@ from fedcmp.sim import attacks  # noqa: E402
 from fedcmp.sim.engine import Federation, rounds_to_reach  # noqa: E402
 
 NON_IID = ("concept", "domain", "quantity")
+REFERENCE = "fedavg"  # every run includes it: the report's relative columns are measured against it
+# Ablations whose benign cost the report states in units of seed noise: the vote, the norm bound
+SEED_NOISE_ABLATIONS = ("fedcmp-no-reliability", "fedcmp-no-norm-bound")
+
+
+def select_methods(methods: list[Method], names: list[str] | None) -> list[Method]:
+    """The methods named (all when `names` is None) plus the reference, in `methods`' order."""
+    if names is None:
+        return methods
+    known = [m.name for m in methods]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}; known: {', '.join(known)}")
+    wanted = {*names, REFERENCE}
+    return [m for m in methods if m.name in wanted]
 
 
 def run_cell(scenario: str, seed: int, scale: Scale, methods: list[Method], cache: Path,
@@ -147,26 +167,30 @@ def report(table: dict, rows: list[dict[str, Any]], methods: list[Method], seeds
             lines.append(f"| {name} | {cell(stats['test_nll'])} | {cell(stats['test_retrieval'], 3)} | "
                          f"{cell(stats['rounds_to_fedavg'], 1)} |")
         lines += ["", f"![{scenario}]({scenario}_nll.png)", ""]
-    lines += ["## Robustness", "", *robustness_lines, ""]
-    firsts = [s for s, b in zip(SCENARIOS, best) if b == "fedcmp"]
-    baselines = [name for name in contenders if name != "fedcmp"]
-    lines += ["## Against the target", "",
-              f"- Fed-CMP ranks first on test NLL against the baselines ({', '.join(baselines)}) in {len(firsts)} "
-              f"of 4 scenarios ({', '.join(firsts) or 'none'}).",
-              "- Share of the FedAvg -> centralized test-NLL gap closed on the non-IID scenarios:"]
-    for name in [m.name for m in ran if m.name.startswith("fedcmp")]:
-        closed = [gap_closed(table, s, name) for s in NON_IID]
-        lines.append(f"  - {name}: " + ", ".join(f"{s} {c:.2f}" for s, c in zip(NON_IID, closed)) +
-                     f"; mean {sum(closed) / len(closed):.2f}")
-    if all("fedcmp-no-reliability" in table[s] for s in SCENARIOS):
-        lines.append("- Full Fed-CMP against `fedcmp-no-reliability` (test NLL difference, in units of the larger "
+    lines += ["## Robustness", "", *robustness_lines, "", "## Against the target", ""]
+    names = [m.name for m in ran]
+    if "fedcmp" in names:
+        firsts = [s for s, b in zip(SCENARIOS, best) if b == "fedcmp"]
+        baselines = [name for name in contenders if name != "fedcmp"]
+        lines.append(f"- Fed-CMP ranks first on test NLL against the baselines ({', '.join(baselines)}) in "
+                     f"{len(firsts)} of 4 scenarios ({', '.join(firsts) or 'none'}).")
+    if "centralized" in names:
+        lines.append("- Share of the FedAvg -> centralized test-NLL gap closed on the non-IID scenarios:")
+        for name in [name for name in names if name.startswith("fedcmp")]:
+            closed = [gap_closed(table, s, name) for s in NON_IID]
+            lines.append(f"  - {name}: " + ", ".join(f"{s} {c:.2f}" for s, c in zip(NON_IID, closed)) +
+                         f"; mean {sum(closed) / len(closed):.2f}")
+    else:
+        lines.append("- Share of the FedAvg -> centralized gap closed: n/a (`centralized` was not run).")
+    for ablation in [name for name in SEED_NOISE_ABLATIONS if "fedcmp" in names and name in names]:
+        lines.append(f"- Full Fed-CMP against `{ablation}` (test NLL difference, in units of the larger "
                      "of their two standard deviations over seeds; > 1 means Fed-CMP is worse beyond one std):")
         for scenario in SCENARIOS:
-            (full, full_std), (ablation, ablation_std) = (table[scenario][name]["test_nll"]
-                                                          for name in ("fedcmp", "fedcmp-no-reliability"))
-            spread = max(full_std, ablation_std)
-            units = (full - ablation) / spread if spread > 0 else math.nan
-            lines.append(f"  - {scenario}: {full:.4f} vs {ablation:.4f}, {units:+.2f} std")
+            (full, full_std), (other, other_std) = (table[scenario][name]["test_nll"] for name in ("fedcmp", ablation))
+            spread = max(full_std, other_std)
+            units = (full - other) / spread if spread > 0 else math.nan
+            lines.append(f"  - {scenario}: {full:.4f} ± {full_std:.4f} vs {other:.4f} ± {other_std:.4f}, "
+                         f"{units:+.2f} std")
     lines.append("")
     return "\n".join(lines)
 
@@ -208,13 +232,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache", type=Path, default=Path("runs/bench-data"))
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="scenario/seed cells run in parallel processes (1 torch thread each)")
+    parser.add_argument("--methods", nargs="+", metavar="NAME",
+                        help=f"run only these strategies/bounds (default: all), plus {REFERENCE}, the reference")
     parser.add_argument("--wire-dtype", choices=["float32", "bfloat16"], default="float32",
                         help="the recipe's wire_dtype: projectors round-trip through it both ways, as on the network")
     args = parser.parse_args(argv)
     setup_logging()
     scale = QUICK if args.quick else FULL
     seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
-    methods = tuned_methods()
+    try:
+        methods = select_methods(tuned_methods(), args.methods)
+    except ValueError as err:
+        parser.error(str(err))
     args.out.mkdir(parents=True, exist_ok=True)
     raw = args.out / "results.jsonl"
     raw.unlink(missing_ok=True)

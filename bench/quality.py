@@ -22,7 +22,8 @@ from fedcmp.sim.engine import Federation, Simulator
 SCENARIOS = ("iid", "concept", "domain", "quantity")
 BOUNDS = ("centralized", "local")
 STRATEGIES = ("fedavg", "fedavg-equal", "fedprox", "fedavgm", "fednova", "fedadam", "fedyogi", "fedadagrad", "fedcmp",
-              "fedcmp-no-reliability", "fedcmp-no-momentum", "fedcmp-mean-fusion", "fedcmp-sample-weights")
+              "fedcmp-no-reliability", "fedcmp-no-momentum", "fedcmp-mean-fusion", "fedcmp-sample-weights",
+              "fedcmp-no-norm-bound")
 TUNED_FILE = Path(__file__).with_name("tuned.yaml")
 
 

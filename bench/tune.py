@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import FULL, SCENARIOS, TUNED_FILE, TUNING_SEEDS, Method, base_recipe, scenario_data  # noqa: E402
 
 from fedcmp.common.logs import setup_logging  # noqa: E402
+from fedcmp.server.strategies.registry import hyper_parameters  # noqa: E402
 from fedcmp.sim.engine import Federation, Simulator  # noqa: E402
 
 Grid = dict[str, list[dict[str, Any]]]
@@ -45,6 +46,8 @@ BUDGET = 4  # settings per strategy with a knob
 MOMENTUM_PAIRS = [(1.0, 0.5), (2.0, 0.5), (0.7, 0.7), (0.5, 0.8)]  # (server step, momentum)
 FEDOPT = [(eta, tau) for eta in (0.01, 0.03) for tau in (1e-4, 1e-2)]  # (eta, tau)
 FEDCMP = [(eta_s, beta, rho) for eta_s, beta in [(1.0, 0.5), (0.7, 0.7)] for rho in (0.1, 0.3)]
+ABLATIONS = ("fedcmp-no-reliability", "fedcmp-no-momentum", "fedcmp-mean-fusion", "fedcmp-sample-weights",
+             "fedcmp-no-norm-bound")  # not swept: each takes Fed-CMP's chosen setting
 
 
 def strategy_grid() -> Grid:
@@ -65,10 +68,11 @@ def strategy_grid() -> Grid:
 
 
 def inherit_ablations(chosen: dict[str, dict[str, Any]]) -> None:
+    """Each ablation gets Fed-CMP's chosen strategy_params minus the keys it pins (the registry's)."""
     params = dict(chosen["fedcmp"].get("strategy_params", {}))
-    for ablation, pinned in (("fedcmp-no-momentum", {"beta"}), ("fedcmp-no-reliability", {"temperature", "gamma"}),
-                             ("fedcmp-mean-fusion", {"rho"}), ("fedcmp-sample-weights", {"alpha"})):
-        chosen[ablation] = {"strategy_params": {k: v for k, v in params.items() if k not in pinned}}
+    for ablation in ABLATIONS:
+        accepted = hyper_parameters(ablation)
+        chosen[ablation] = {"strategy_params": {k: v for k, v in params.items() if k in accepted}}
 
 
 def score_cell(grid: Grid, scenario: str, seed: int, cache: Path, threads: int) -> list[tuple[str, int, float]]:
@@ -134,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
              f"the test split is never loaded). Scale: {FULL.clients} clients x {FULL.samples_per_client} samples, "
              f"{FULL.rounds} rounds. Every strategy with a knob gets {BUDGET} settings.", "",
              *rows, "",
-             "The ablations `fedcmp-no-reliability`, `fedcmp-no-momentum`, `fedcmp-mean-fusion` and "
-             "`fedcmp-sample-weights` take Fed-CMP's chosen setting, minus the keys they pin.", ""]
+             f"The ablations {', '.join(f'`{name}`' for name in ABLATIONS)} take Fed-CMP's chosen setting, "
+             "minus the keys they pin.", ""]
     TUNED_FILE.write_text("# Written by bench/tune.py (validation sweep); read by bench/bench_quality.py.\n" +
                           yaml.safe_dump(chosen, sort_keys=True))
     args.report.write_text("\n".join(lines))

@@ -60,6 +60,7 @@ import torch
 from torch import Tensor
 
 from .base import (
+    NORM_BOUND_KEY,
     ClientUpdate,
     NormBounded,
     Participant,
@@ -446,7 +447,12 @@ class FedCMP(NormBounded):
 
 
 class _Ablation(FedCMP):
-    """Fed-CMP with some hyper-parameters fixed; passing one of them is an error."""
+    """Fed-CMP with some hyper-parameters fixed; passing one of them is an error.
+
+    `pinned` may hold `norm_bound`, which is no `__init__` argument (the registry sets it on
+    every strategy): it is set on the instance here, and the registry neither lists nor
+    overrides a pinned key.
+    """
 
     pinned: ClassVar[dict[str, float]]
 
@@ -454,7 +460,9 @@ class _Ablation(FedCMP):
         clash = sorted(hyper.keys() & self.pinned.keys())
         if clash:
             raise ValueError(f"{self.name} fixes {clash} ({self.pinned}); do not pass them")
-        super().__init__(**hyper, **self.pinned)  # type: ignore[arg-type]
+        fixed = {key: value for key, value in self.pinned.items() if key != NORM_BOUND_KEY}
+        super().__init__(**hyper, **fixed)  # type: ignore[arg-type]
+        self.norm_bound = self.pinned.get(NORM_BOUND_KEY, self.norm_bound)
 
 
 class FedCMPNoReliability(_Ablation):
@@ -483,3 +491,10 @@ class FedCMPNoMomentum(_Ablation):
 
     name = "fedcmp-no-momentum"
     pinned = {"beta": 0.0}
+
+
+class FedCMPNoNormBound(_Ablation):
+    """Ablation: no norm bound, s_k = 1 (norm_bound = inf); what the default bound costs benign rounds."""
+
+    name = "fedcmp-no-norm-bound"
+    pinned = {NORM_BOUND_KEY: math.inf}

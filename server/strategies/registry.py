@@ -2,7 +2,8 @@
 
 Adding a strategy is one module defining a `NormBounded` class with a `name` attribute and
 keyword-only, defaulted hyper-parameters, plus one line in `_CLASSES`. Every strategy also
-accepts `norm_bound` (base.bounded), which the registry validates and sets.
+accepts `norm_bound` (base.bounded), which the registry validates and sets, unless the class
+`pinned` it (a class's `pinned` keys, the Fed-CMP ablations', are never accepted).
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from .fedadam import FedAdam
 from .fedavg import FedAvg
 from .fedavg_equal import FedAvgEqual
 from .fedavgm import FedAvgM
-from .fedcmp import FedCMP, FedCMPMeanFusion, FedCMPNoMomentum, FedCMPNoReliability, FedCMPSampleWeights
+from .fedcmp import (FedCMP, FedCMPMeanFusion, FedCMPNoMomentum, FedCMPNoNormBound, FedCMPNoReliability,
+                     FedCMPSampleWeights)
 from .fednova import FedNova
 from .fedprox import FedProx
 from .fedyogi import FedYogi
@@ -34,6 +36,7 @@ _CLASSES: tuple[type, ...] = (
     FedCMPNoMomentum,
     FedCMPMeanFusion,
     FedCMPSampleWeights,
+    FedCMPNoNormBound,
 )
 _REGISTRY: dict[str, type] = {cls.name: cls for cls in _CLASSES}
 
@@ -46,20 +49,19 @@ def hyper_parameters(name: str) -> dict[str, object]:
     """The hyper-parameters `build_strategy(name, ...)` accepts, with their defaults.
 
     They are the keyword-only parameters of the nearest `__init__` in the class's MRO that
-    declares any, minus those the class `pinned` (the Fed-CMP ablations), plus `norm_bound`.
+    declares any, plus `norm_bound`, minus those the class `pinned` (the Fed-CMP ablations).
     """
     cls = _lookup(name)
-    pinned = getattr(cls, "pinned", {})
     accepted: dict[str, object] = {}
     for klass in cls.__mro__:
         if "__init__" not in vars(klass):
             continue
         params = inspect.signature(vars(klass)["__init__"]).parameters.values()
-        keyword_only = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
-        if keyword_only:
-            accepted = {key: default for key, default in keyword_only.items() if key not in pinned}
+        accepted = {p.name: p.default for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        if accepted:
             break
-    return accepted | {NORM_BOUND_KEY: cls.norm_bound}
+    accepted[NORM_BOUND_KEY] = cls.norm_bound
+    return {key: default for key, default in accepted.items() if key not in _pinned(cls)}
 
 
 def build_strategy(name: str, params: Mapping[str, float] | None = None) -> Strategy:
@@ -67,18 +69,29 @@ def build_strategy(name: str, params: Mapping[str, float] | None = None) -> Stra
     cls = _lookup(name)
     accepted = hyper_parameters(name)
     given = dict(params or {})
+    pinned = _pinned(cls)
+    clash = sorted(given.keys() & pinned.keys())
+    if clash:
+        fixed = ", ".join(f"{key} = {pinned[key]}" for key in clash)
+        raise ValueError(f"strategy {name!r} pins {fixed}; do not pass {clash}; accepted: {sorted(accepted)}")
     unknown = sorted(given.keys() - accepted.keys())
     if unknown:
         raise ValueError(
             f"unknown hyper-parameter(s) {unknown} for strategy {name!r}; accepted: {sorted(accepted) or 'none'}"
         )
-    norm_bound = given.pop(NORM_BOUND_KEY, cls.norm_bound)
+    norm_bound = given.pop(NORM_BOUND_KEY, None)
     try:
-        strategy = cls(**given)
-        strategy.norm_bound = real_hyper(NORM_BOUND_KEY, norm_bound, "> 0 (inf: no bound)", lambda v: v > 0.0)
+        strategy = cls(**given)  # sets a pinned norm_bound itself
+        strategy.norm_bound = real_hyper(NORM_BOUND_KEY, strategy.norm_bound if norm_bound is None else norm_bound,
+                                         "> 0 (inf: no bound)", lambda v: v > 0.0)
     except ValueError as err:
         raise ValueError(f"strategy {name!r}: {err}; accepted hyper-parameters: {sorted(accepted)}") from err
     return strategy
+
+
+def _pinned(cls: type) -> dict[str, float]:
+    """The hyper-parameters `cls` fixes (the Fed-CMP ablations'), `norm_bound` possibly among them."""
+    return getattr(cls, "pinned", {})
 
 
 def _lookup(name: str) -> type:

@@ -167,7 +167,7 @@ def test_sum_of_squares_is_float64_accurate_and_survives_float32_overflow() -> N
 
 
 def test_every_strategy_accepts_a_norm_bound() -> None:
-    for name in available_strategies():
+    for name in [name for name in available_strategies() if name != "fedcmp-no-norm-bound"]:  # it pins inf
         default = math.inf if not name.startswith("fedcmp") else 1.5  # on by default for Fed-CMP
         assert hyper_parameters(name)["norm_bound"] == default
         assert build_strategy(name).norm_bound == default
@@ -175,6 +175,30 @@ def test_every_strategy_accepts_a_norm_bound() -> None:
         for bad in (0.0, -1.0, math.nan):
             with pytest.raises(ValueError, match=f"strategy '{name}': hyper-parameter norm_bound=.* must be > 0"):
                 build_strategy(name, {"norm_bound": bad})
+
+
+def test_fedcmp_no_norm_bound_pins_the_bound_off() -> None:
+    assert "norm_bound" not in hyper_parameters("fedcmp-no-norm-bound")
+    assert hyper_parameters("fedcmp-no-norm-bound") == {k: v for k, v in hyper_parameters("fedcmp").items()
+                                                         if k != "norm_bound"}
+    assert math.isinf(build_strategy("fedcmp-no-norm-bound", {"rho": 0.3, "beta": 0.5}).norm_bound)
+    with pytest.raises(ValueError, match=r"strategy 'fedcmp-no-norm-bound' pins norm_bound = inf; do not pass"):
+        build_strategy("fedcmp-no-norm-bound", {"norm_bound": 1.5})
+
+
+def test_fedcmp_no_norm_bound_lets_a_100x_update_through() -> None:
+    global_params, updates = random_round(MLP, 6, seed=21)
+    outlier = {key: global_params[key] + 100.0 * (updates[0].params[key] - global_params[key]) for key in MLP}
+    updates[-1] = dataclasses.replace(updates[-1], params=outlier)  # 100x client 0's move, same direction
+
+    def shift(name: str, params: dict[str, float] | None = None) -> float:
+        new = build_strategy(name, params).aggregate(global_params, updates)
+        return float(torch.linalg.vector_norm(flat(new) - flat(global_params)))
+
+    honest = max(float(torch.linalg.vector_norm(flat(u.params) - flat(global_params))) for u in updates[:-1])
+    assert shift("fedcmp") < 2 * honest  # the default bound clips it to 1.5x the median move
+    assert shift("fedcmp-no-norm-bound") > 5 * honest  # unclipped, it drags the aggregate along
+    assert shift("fedcmp-no-norm-bound") == shift("fedcmp", {"norm_bound": math.inf})  # Fed-CMP with the bound off
 
 
 # --- FedAvgM and FedOpt: two rounds by hand ----------------------------------------------
@@ -726,7 +750,8 @@ def test_rejects_inconsistent_rounds() -> None:
 
 def test_registry_lists_every_strategy() -> None:
     baselines = ["fedavg", "fedavg-equal", "fedprox", "fedavgm", "fednova", "fedadam", "fedyogi", "fedadagrad"]
-    ablations = ["fedcmp-no-reliability", "fedcmp-no-momentum", "fedcmp-mean-fusion", "fedcmp-sample-weights"]
+    ablations = ["fedcmp-no-reliability", "fedcmp-no-momentum", "fedcmp-mean-fusion", "fedcmp-sample-weights",
+                 "fedcmp-no-norm-bound"]
     assert available_strategies() == sorted(baselines + ["fedcmp"] + ablations)
 
 
