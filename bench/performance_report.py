@@ -242,12 +242,17 @@ class Report:
             "From disk: the updates are safetensors files read through the coordinator's own",
             "`SpilledUpdates`, one per access (page cache), as the server aggregates.",
             "",
-            "| K | updates | repeats | fedavg best | fedcmp best | fedcmp / fedavg |",
-            "|---|---|---|---|---|---|",
+            "Products: Fed-CMP's matrix products alone (bench_aggregation.time_products: three skinny GEMMs",
+            "per client and layer, s = r_max + oversample = 72 columns at the defaults), timed in the same",
+            "interleaving: a floor under Fed-CMP's time at its sketch size.",
+            "",
+            "| K | updates | repeats | fedavg best | fedcmp best | fedcmp / fedavg | products best | products / fedavg |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for clients, from_disk, timings in self.aggregation:
             lines.append(f"| {clients} | {'from disk' if from_disk else 'in memory'} | {len(timings.fedavg)} "
-                         f"| {min(timings.fedavg):.3f} s | {min(timings.fedcmp):.3f} s | {timings.ratio:.2f}x |")
+                         f"| {min(timings.fedavg):.3f} s | {min(timings.fedcmp):.3f} s | {timings.ratio:.2f}x "
+                         f"| {min(timings.products):.3f} s | {timings.products_ratio:.2f}x |")
         return lines
 
     def _rss_section(self, size: int) -> list[str]:

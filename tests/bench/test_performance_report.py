@@ -27,7 +27,7 @@ def report(speedup: float, cpu_per_client: float, rss_share: float, projectors_a
     result.rss_run = run("fedcmp", 64, 9.0, 9.0, 3e8 + projectors_at_64 * SIZE, baseline=3e8)
     result.swarm_run = run("fedcmp", 256, 5.0, 5.0, 4e8, status_p99_s=p99_s, status_calls=100.0, health_p99_s=0.002, health_p50_s=0.001,
                            status_p50_s=0.01, status_max_s=p99_s)
-    result.aggregation = [(16, False, Timings([1.0, 1.1], [aggregation_ratio, 9.0]))]
+    result.aggregation = [(16, False, Timings([1.0, 1.1], [aggregation_ratio, 9.0], [2.5, 2.6]))]
     result.bf16_run = run("fedcmp", 16, 0.5, 8 * cpu_per_client, 1e9)
     return result
 
@@ -50,6 +50,11 @@ def test_markdown_has_every_table() -> None:
                     "## 256 clients"):
         assert heading in text
     assert "shared with other work" not in text  # load 1.0 on 2 cores: a quiet machine
+
+
+def test_aggregation_table_shows_the_products_floor_beside_each_ratio() -> None:
+    text = report(7.0, 0.1, 0.25, 3.5, 0.03, 3.0).markdown(PROJECTOR)
+    assert "| 16 | in memory | 2 | 1.000 s | 3.000 s | 3.00x | 2.500 s | 2.50x |" in text
 
 
 def test_memory_table_sets_the_64_client_round_against_the_smallest_k() -> None:
