@@ -105,8 +105,9 @@ class Report:
             f"torch {m['torch']}, Flower {m['flower']}, {self.wall_s / 60:.1f} min in all.",
             f"Load average (1/5/15 min) {_load(self.load_before)} at the start, {_load(self.load_after)} at the end.",
         ]
-        if max(self.load_before[0], self.load_after[0]) > float(m["cpus"]):
-            lines += ["**The machine was shared with other work while this ran** (load above its core count), so",
+        if self._shared(float(m["cpus"])):
+            lines += ["**The machine was shared with other work while this ran** (load above its core count before",
+                      "the run, or work not the benchmark's above a tenth of the cores over the timed rounds), so",
                       "absolute times are slower and noisier than on a quiet machine: compare the two systems",
                       "within one row (they ran back to back under the same load), not rows of different runs."]
         if self.quick:
@@ -232,6 +233,13 @@ class Report:
                              f"| {run.system_per_round_s:.2f} s | {run.others_per_round_s:.2f} s "
                              f"| {run.outside_per_round_s:.2f} s | {busy:.2f} |")
         return lines
+
+    def _shared(self, cores: float) -> bool:
+        """Whether other work competed: the load before the run, and the CPU of processes not the
+        benchmark's during its timed rounds (the load at the end is mostly the benchmark's own clients)."""
+        runs = [run for pair in self.pairs for run in (pair.fedcmp, pair.flower)]
+        outside = sum(run.outside_per_round_s for run in runs)
+        return self.load_before[0] > cores or outside > 0.1 * cores * sum(run.round_s for run in runs)
 
     def _aggregation_section(self) -> list[str]:
         lines = [

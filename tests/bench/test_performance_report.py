@@ -49,12 +49,22 @@ def test_markdown_has_every_table() -> None:
     for heading in ("## Targets", "## Reading the figures", "## One round", "## Aggregation", "## Server memory with 64",
                     "## 256 clients"):
         assert heading in text
-    assert "shared with other work" not in text  # load 1.0 on 2 cores: a quiet machine
 
 
 def test_aggregation_table_shows_the_products_floor_beside_each_ratio() -> None:
     text = report(7.0, 0.1, 0.25, 3.5, 0.03, 3.0).markdown(PROJECTOR)
     assert "| 16 | in memory | 2 | 1.000 s | 3.000 s | 3.00x | 2.500 s | 2.50x |" in text
+
+
+def test_the_machine_counts_as_shared_by_the_load_before_and_the_other_work_not_the_load_after() -> None:
+    quiet = report(7.0, 0.1, 0.25, 3.5, 0.03, 3.0)  # load 1.0 before on 2 cores
+    for run in (quiet.pairs[0].fedcmp, quiet.pairs[0].flower):
+        run.machine_busy_s = list(run.run_cpu_s)  # no CPU but the benchmark's in the timed rounds
+    quiet.load_after = (30.0, 10.0, 5.0)  # the benchmark's own 256 clients
+    assert "shared with other work" not in quiet.markdown(PROJECTOR)
+    busy = report(7.0, 0.1, 0.25, 3.5, 0.03, 3.0)
+    busy.pairs[0].fedcmp.machine_busy_s = [busy.pairs[0].fedcmp.run_cpu_s[0] + 3.0]  # others: 4 of 16 core-seconds
+    assert "shared with other work" in busy.markdown(PROJECTOR)
 
 
 def test_memory_table_sets_the_64_client_round_against_the_smallest_k() -> None:
