@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,9 @@ WORDS = ["a", "on", "black", "small", "big", *COLORS, *SHAPES]
 SPECIALS = ["<pad>", "<unk>", "<s>", "</s>"]  # no <image>: the client adds it, as for Vicuna
 BATCH_SIZE = 8
 READ_IMAGES = 200
+# Each client start measured, as (feature_cache, start): the disk cache cold (it encodes) then warm (it
+# reuses the encode), and the cache off (the tower on every batch).
+STARTS = (("disk", "cold"), ("disk", "warm"), ("off", "live"))
 
 
 # ---- backbones and data ---------------------------------------------------------------------
@@ -242,19 +246,16 @@ def main() -> None:
         small, large = args.sizes
         data = {size: write_llava(root / f"site-{size}", size) for size in (small, large)}
         rows = []
-        for mode in ("disk", "off"):
+        for mode, start in STARTS:  # a warm start follows the cold one that filled its cache folder
             for size in (small, large):
-                cache = root / f"cache-{mode}-{size}"
                 command = [sys.executable, __file__, "--run-client", "--vision", str(vision), "--llm", str(llm),
-                           "--data", str(data[size]), "--cache", str(cache), "--mode", mode,
+                           "--data", str(data[size]), "--cache", str(root / f"cache-{mode}-{size}"), "--mode", mode,
                            "--steps", str(args.steps), "--threads", str(args.threads),
                            "--workers", str(args.workers)]
-                starts = ["cold", "warm"] if mode == "disk" else ["live"]
-                for start in starts:
-                    measured = measure(command)
-                    rows.append({"mode": mode, "size": size, "start": start, "rss_anon_mb": measured.peak_rss_anon_mb,
-                                 "tree_pss_anon_mb": measured.peak_tree_pss_anon_mb, **measured.result})
-                    print(json.dumps(rows[-1]), flush=True)
+                measured = measure(command)
+                rows.append({"mode": mode, "size": size, "start": start, "rss_anon_mb": measured.peak_rss_anon_mb,
+                             "tree_pss_anon_mb": measured.peak_tree_pss_anon_mb, **measured.result})
+                print(json.dumps(rows[-1]), flush=True)
         speeds = read_throughput(write_formats(root / "formats", data[large], min(READ_IMAGES, large)))
     write_report(args, rows, speeds, time.perf_counter() - began)
 
@@ -264,6 +265,11 @@ def write_report(args: argparse.Namespace, rows: list[dict], speeds: dict[str, f
 
     def row(mode: str, size: int, start: str) -> dict:
         return next(r for r in rows if (r["mode"], r["size"], r["start"]) == (mode, size, start))
+
+    def per_start(cells: Callable[[dict], str]) -> list[str]:
+        """One table line per start and data size: `| mode | start | cells(its row) |`."""
+        return [f"| {mode} | {start} | {cells(row(mode, size, start))} |" for mode, start in STARTS
+                for size in (small, large)]
 
     lines = [
         "## Measured: memory, feature cache and data formats",
@@ -286,10 +292,7 @@ def write_report(args: argparse.Namespace, rows: list[dict], speeds: dict[str, f
         "| feature_cache | start | images | peak RssAnon, client (MB) | peak Pss_Anon, client + workers (MB) |",
         "|---|---|---|---|---|",
     ]
-    for mode, start in (("disk", "cold"), ("disk", "warm"), ("off", "live")):
-        for size in (small, large):
-            r = row(mode, size, start)
-            lines.append(f"| {mode} | {start} | {size} | {r['rss_anon_mb']:.0f} | {r['tree_pss_anon_mb']:.0f} |")
+    lines += per_start(lambda r: f"{r['size']} | {r['rss_anon_mb']:.0f} | {r['tree_pss_anon_mb']:.0f}")
     lines += [
         "",
         f"Growth per extra image, (peak at {large} - peak at {small}) / {large - small}:",
@@ -297,7 +300,7 @@ def write_report(args: argparse.Namespace, rows: list[dict], speeds: dict[str, f
         "| feature_cache | start | RssAnon, client (MB / image) | Pss_Anon, client + workers (MB / image) |",
         "|---|---|---|---|",
     ]
-    for mode, start in (("disk", "cold"), ("disk", "warm"), ("off", "live")):
+    for mode, start in STARTS:
         low, high = row(mode, small, start), row(mode, large, start)
         growth = [(high[key] - low[key]) / (large - small) for key in ("rss_anon_mb", "tree_pss_anon_mb")]
         lines.append(f"| {mode} | {start} | {growth[0]:.4f} | {growth[1]:.4f} |")
@@ -311,11 +314,7 @@ def write_report(args: argparse.Namespace, rows: list[dict], speeds: dict[str, f
         "| feature_cache | start | images | session open (s) | tower batches at open | round (s) |",
         "|---|---|---|---|---|---|",
     ]
-    for mode, start in (("disk", "cold"), ("disk", "warm"), ("off", "live")):
-        for size in (small, large):
-            r = row(mode, size, start)
-            lines.append(f"| {mode} | {start} | {r['images']} | {r['open_s']:.1f} | {r['open_tower_batches']} | "
-                         f"{r['round_s']:.1f} |")
+    lines += per_start(lambda r: f"{r['images']} | {r['open_s']:.1f} | {r['open_tower_batches']} | {r['round_s']:.1f}")
     cold = row("disk", large, "cold")
     lines += [
         "",

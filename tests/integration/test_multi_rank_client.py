@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,32 +54,35 @@ def _client_flags(data: Path, cache_dir: Path) -> list[str]:
 
 def test_two_rank_client_uploads_the_one_process_update(processes, two_client_data: Path, tmp_path: Path,
                                                          micro_zoo) -> None:
-    config = _sgd_recipe(tmp_path)
-    state = tmp_path / "state"
-    server, address = processes.server(state, "--config", str(config))
-    data = two_client_data / "client_0"
-    client = processes.launch("client_0", [*_torchrun_client(2), "--server", address,
-                                           *_client_flags(data, micro_zoo.root.parent)], env=RANK_ENV)
-    assert processes.wait(client) == 0, client.log_path.read_text()[-3000:]
-    assert processes.wait(server) == 0
-    _assert_one_process_update(load_params_file(state / "global" / "v1.safetensors"), config, data, micro_zoo)
+    _check_one_process_update(processes, two_client_data, tmp_path, micro_zoo,
+                              lambda address, flags: [[*_torchrun_client(2), "--server", address, *flags]])
 
 
 def test_client_on_two_nodes_uploads_the_one_process_update(processes, two_client_data: Path, tmp_path: Path,
                                                              micro_zoo) -> None:
     # Two torchrun agents, one rank each, as two nodes would start them. Node 1 is handed a coordinator
     # address where nothing listens: only rank 0 (node 0) ever talks to the coordinator.
+    port = _free_port()
+
+    def nodes(address: str, flags: list[str]) -> list[list[str]]:
+        return [[*_torchrun_client(1, nnodes=2, node_rank=node, port=port),
+                 "--server", address if node == 0 else f"127.0.0.1:{_free_port()}", *flags] for node in (0, 1)]
+
+    _check_one_process_update(processes, two_client_data, tmp_path, micro_zoo, nodes)
+
+
+def _check_one_process_update(processes, two_client_data: Path, tmp_path: Path, micro_zoo,
+                              commands: Callable[[str, list[str]], list[list[str]]]) -> None:
+    """Start the processes `commands(coordinator address, client flags)` lists against a coordinator of
+    the SGD recipe; each must exit 0 and the committed global be one process's update."""
     config = _sgd_recipe(tmp_path)
     state = tmp_path / "state"
     server, address = processes.server(state, "--config", str(config))
     data = two_client_data / "client_0"
-    port = _free_port()
-    nodes = [processes.launch(f"node{node}", [*_torchrun_client(1, nnodes=2, node_rank=node, port=port),
-                                              "--server", address if node == 0 else f"127.0.0.1:{_free_port()}",
-                                              *_client_flags(data, micro_zoo.root.parent)], env=RANK_ENV)
-             for node in (0, 1)]
-    for node in nodes:
-        assert processes.wait(node) == 0, node.log_path.read_text()[-3000:]
+    launched = [processes.launch(f"client{index}", argv, env=RANK_ENV)
+                for index, argv in enumerate(commands(address, _client_flags(data, micro_zoo.root.parent)))]
+    for process in launched:
+        assert processes.wait(process) == 0, process.log_path.read_text()[-3000:]
     assert processes.wait(server) == 0
     _assert_one_process_update(load_params_file(state / "global" / "v1.safetensors"), config, data, micro_zoo)
 

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -69,6 +71,22 @@ async def until(condition, what: str) -> None:
         pytest.fail(f"timed out waiting for {what}")
 
 
+@contextlib.asynccontextmanager
+async def training(coordinator: Coordinator, *clients: ManualClient) -> AsyncIterator[asyncio.Task]:
+    """The coordinator's run with `clients` kept alive, entered once round 1 trains; on leaving, the
+    clients die and the run is cancelled if it is still going."""
+    for client in clients:
+        client.keep_alive()
+    run = asyncio.create_task(coordinator.run())
+    try:
+        await until(lambda: coordinator.phase is Phase.TRAINING, "round 1")
+        yield run
+    finally:
+        for client in clients:
+            client.die()
+        run.cancel()
+
+
 def test_sweep_and_touch() -> None:
     client = ClientRecord("a", "p", 1, 1, "t", last_seen=0.0)
     assert sweep([client], now=0.5, timeout_s=1.0) == [] and client.state == "idle"
@@ -100,30 +118,25 @@ def test_a_gone_client_is_not_selected_until_it_returns(tmp_path) -> None:
     async def scenario() -> Coordinator:
         coordinator = make_coordinator(tmp_path, rounds=3, min_clients=1, round_timeout_s=600.0, **FAST)
         a, b = ManualClient(coordinator, "a"), ManualClient(coordinator, "b")
-        a.keep_alive()
-        b.keep_alive()
-        run = asyncio.create_task(coordinator.run())
-        await until(lambda: coordinator.phase is Phase.TRAINING, "round 1")
-        assert coordinator.selected == ["a", "b"]
-        await a.train(1)
-        b.die()
-        await until(lambda: coordinator.round == 2 and coordinator.phase is Phase.TRAINING, "round 2")
-        assert coordinator.selected == ["a"] and coordinator.clients["b"].state == GONE
-        assert await b.poll() == "WAIT"  # back (its call revives it), but round 2 is under way without it
-        assert coordinator.clients["b"].state != GONE
-        b.keep_alive()
-        await a.train(2)
-        await until(lambda: coordinator.round == 3 and coordinator.phase is Phase.TRAINING, "round 3")
-        assert coordinator.selected == ["a", "b"]
-        await a.train(3)
-        await b.train(3)
-        await until(lambda: coordinator.phase is Phase.EVALUATING, "the final evaluation")
-        for client in (a, b):
-            task = await coordinator.next_task(client.call(), hold_s=0.05)
-            assert coordinator.accept_evaluation(client.call(), task.global_version, 5, {"val_loss": 1.0}).accepted
-        await asyncio.wait_for(run, GUARD_S)
-        a.die()
-        b.die()
+        async with training(coordinator, a, b) as run:
+            assert coordinator.selected == ["a", "b"]
+            await a.train(1)
+            b.die()
+            await until(lambda: coordinator.round == 2 and coordinator.phase is Phase.TRAINING, "round 2")
+            assert coordinator.selected == ["a"] and coordinator.clients["b"].state == GONE
+            assert await b.poll() == "WAIT"  # back (its call revives it), but round 2 is under way without it
+            assert coordinator.clients["b"].state != GONE
+            b.keep_alive()
+            await a.train(2)
+            await until(lambda: coordinator.round == 3 and coordinator.phase is Phase.TRAINING, "round 3")
+            assert coordinator.selected == ["a", "b"]
+            await a.train(3)
+            await b.train(3)
+            await until(lambda: coordinator.phase is Phase.EVALUATING, "the final evaluation")
+            for client in (a, b):
+                task = await coordinator.next_task(client.call(), hold_s=0.05)
+                assert coordinator.accept_evaluation(client.call(), task.global_version, 5, {"val_loss": 1.0}).accepted
+            await asyncio.wait_for(run, GUARD_S)
         return coordinator
 
     history = asyncio.run(scenario()).record.history
@@ -134,15 +147,9 @@ def test_a_live_straggler_gets_one_more_timeout_then_the_round_closes_with_what_
     async def scenario() -> Coordinator:
         coordinator = make_coordinator(tmp_path, rounds=1, round_timeout_s=0.3, **FAST)
         a, b = ManualClient(coordinator, "a"), ManualClient(coordinator, "b")
-        a.keep_alive()
-        b.keep_alive()  # alive, heartbeating, but never uploads
-        run = asyncio.create_task(coordinator.run())
-        await until(lambda: coordinator.phase is Phase.TRAINING, "round 1")
-        await a.train(1)
-        await until(lambda: coordinator.record.committed_round == 1, "round 1 to commit")
-        a.die()
-        b.die()
-        run.cancel()
+        async with training(coordinator, a, b):  # b: alive, heartbeating, but never uploads
+            await a.train(1)
+            await until(lambda: coordinator.record.committed_round == 1, "round 1 to commit")
         return coordinator
 
     with caplog.at_level(logging.WARNING, logger="fedcmp.server"):
@@ -155,15 +162,11 @@ def test_a_round_without_any_upload_reopens_with_the_live_clients(tmp_path, capl
     async def scenario() -> Coordinator:
         coordinator = make_coordinator(tmp_path, rounds=1, min_clients=1, round_timeout_s=0.2, **FAST)
         a = ManualClient(coordinator, "a")
-        a.keep_alive()
-        run = asyncio.create_task(coordinator.run())
-        await until(lambda: coordinator.phase is Phase.TRAINING, "round 1")
-        await until(lambda: "re-opening" in caplog.text, "round 1 to re-open")
-        assert coordinator.round == 1 and coordinator.record.committed_round == 0
-        await a.train(1)  # the re-opened round takes the upload and commits
-        await until(lambda: coordinator.record.committed_round == 1, "round 1 to commit")
-        a.die()
-        run.cancel()
+        async with training(coordinator, a):
+            await until(lambda: "re-opening" in caplog.text, "round 1 to re-open")
+            assert coordinator.round == 1 and coordinator.record.committed_round == 0
+            await a.train(1)  # the re-opened round takes the upload and commits
+            await until(lambda: coordinator.record.committed_round == 1, "round 1 to commit")
         return coordinator
 
     with caplog.at_level(logging.WARNING, logger="fedcmp.server"):

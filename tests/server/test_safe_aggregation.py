@@ -14,7 +14,7 @@ from fedcmp.server.safe_aggregation import aggregate_safely
 from fedcmp.server.store import UPLOAD_CHECKS, RunStore, SpilledUpload
 from fedcmp.server.strategies import build_strategy
 
-from .test_liveness import FAST, GUARD_S, ManualClient, until
+from .test_liveness import FAST, GUARD_S, ManualClient, training, until
 from .test_rounds import make_coordinator
 
 GLOBAL = {"w": torch.zeros(4, 3), "b": torch.zeros(4)}
@@ -127,23 +127,18 @@ def test_a_poisoned_round_commits_without_the_offender_and_the_run_goes_on(tmp_p
     async def scenario() -> Coordinator:
         coordinator = make_coordinator(tmp_path, rounds=2, min_clients=2, round_timeout_s=600.0, **FAST)
         a, evil = ManualClient(coordinator, "a"), ManualClient(coordinator, "evil")
-        a.keep_alive()
-        evil.keep_alive()
-        run = asyncio.create_task(coordinator.run())
-        await until(lambda: coordinator.phase.value == "TRAINING", "round 1")
-        await a.train(1)
-        client = evil.call()
-        assert (await coordinator.next_task(client, hold_s=0.05)).kind == "TRAIN"
-        template = coordinator.store.load_global(0)
-        spill(coordinator.store, "evil", {key: torch.full_like(value, float("nan")) for key, value in template.items()})
-        coordinator.upload_accepted(client, 1)
-        await until(lambda: coordinator.record.committed_round == 1, "round 1 to commit")
-        await a.train(2)
-        await evil.train(2)
-        await until(lambda: coordinator.record.committed_round == 2, "round 2 to commit")
-        a.die()
-        evil.die()
-        run.cancel()
+        async with training(coordinator, a, evil):
+            await a.train(1)
+            client = evil.call()
+            assert (await coordinator.next_task(client, hold_s=0.05)).kind == "TRAIN"
+            template = coordinator.store.load_global(0)
+            nan = {key: torch.full_like(value, float("nan")) for key, value in template.items()}
+            spill(coordinator.store, "evil", nan)
+            coordinator.upload_accepted(client, 1)
+            await until(lambda: coordinator.record.committed_round == 1, "round 1 to commit")
+            await a.train(2)
+            await evil.train(2)
+            await until(lambda: coordinator.record.committed_round == 2, "round 2 to commit")
         return coordinator
 
     with caplog.at_level(logging.WARNING, logger="fedcmp.server"):

@@ -16,7 +16,7 @@ from fedcmp.server.rounds import Coordinator
 from fedcmp.server.service import build_server, status_message
 from fedcmp.server.status_cli import render
 
-from .test_liveness import FAST, GUARD_S, ManualClient, until
+from .test_liveness import FAST, GUARD_S, ManualClient, training, until
 from .test_rounds import SHAPES, make_coordinator
 
 STATUS_RECEIVE_LIMIT = 4 * 1024 * 1024  # grpc's default, which fedcmp-status uses
@@ -52,13 +52,9 @@ def test_client_metric_names_never_overwrite_the_servers_round_fields(tmp_path) 
     async def scenario() -> Coordinator:
         coordinator = make_coordinator(tmp_path, rounds=1, min_clients=1, **FAST)
         client = ManualClient(coordinator, "a")
-        client.keep_alive()
-        run = asyncio.create_task(coordinator.run())
-        await until(lambda: coordinator.phase.value == "TRAINING", "round 1")
-        await client.train(1, metrics={"round": 99.0, "participants": -1.0, "duration_s": 1e9, "clients": 3.0})
-        await until(lambda: coordinator.record.committed_round == 1, "round 1 to commit")
-        client.die()
-        run.cancel()
+        async with training(coordinator, client):
+            await client.train(1, metrics={"round": 99.0, "participants": -1.0, "duration_s": 1e9, "clients": 3.0})
+            await until(lambda: coordinator.record.committed_round == 1, "round 1 to commit")
         return coordinator
 
     coordinator = asyncio.run(scenario())
@@ -85,19 +81,15 @@ def test_a_failing_disk_makes_the_coordinator_unhealthy_not_dead(tmp_path, monke
 
         coordinator.store.commit_round = full_disk
         client = ManualClient(coordinator, "a")
-        client.keep_alive()
-        run = asyncio.create_task(coordinator.run())
-        await until(lambda: coordinator.phase.value == "TRAINING", "round 1")
-        await client.train(1)
-        await until(lambda: not coordinator.healthy, "the coordinator to report the disk")
-        status = status_message(coordinator)
-        assert not status.healthy and "No space left on device" in status.health_message
-        assert "UNHEALTHY: cannot commit round 1" in render(status)
-        assert coordinator.record.committed_round == 0  # the last commit stays
-        await until(lambda: coordinator.record.committed_round == 1, "the retried commit")
-        assert coordinator.healthy and status_message(coordinator).health_message == ""
-        client.die()
-        run.cancel()
+        async with training(coordinator, client):
+            await client.train(1)
+            await until(lambda: not coordinator.healthy, "the coordinator to report the disk")
+            status = status_message(coordinator)
+            assert not status.healthy and "No space left on device" in status.health_message
+            assert "UNHEALTHY: cannot commit round 1" in render(status)
+            assert coordinator.record.committed_round == 0  # the last commit stays
+            await until(lambda: coordinator.record.committed_round == 1, "the retried commit")
+            assert coordinator.healthy and status_message(coordinator).health_message == ""
         return coordinator
 
     asyncio.run(scenario())
