@@ -7,6 +7,7 @@ plays an attacker and through the client daemon where it plays an honest site.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import io
 import re
@@ -72,6 +73,8 @@ class LoopbackCoordinator:
 
         async def shutdown() -> None:
             self.run.cancel()
+            with contextlib.suppress(asyncio.CancelledError):  # finished before the loop closes
+                await self.run
             await self.server.stop(0)
 
         self.call(shutdown())
