@@ -164,12 +164,16 @@ def survey(global_params: Mapping[str, Tensor], updates: Sequence[ClientUpdate])
 def bounded(order: Sequence[Participant], norm_bound: float) -> list[Participant]:
     """Scale every delta longer than norm_bound * (median of the clients' ||D_k||) down to that length.
 
-    The median is over the clients that trained on something (num_samples > 0). norm_bound =
-    inf leaves every delta as it is. Needs the norms of `survey`.
+    The median is over the clients that moved: trained on something (num_samples > 0) and sent
+    a delta other than zero. A zero delta says nothing about how far an honest client moves (a
+    client whose round is one step at a warm-up rate of 0 sends one), and counting it would
+    shrink the bound for everyone else. norm_bound = inf leaves every delta as it is, and so
+    does a round in which no client moved. Needs the norms of `survey`.
     """
-    if math.isinf(norm_bound):
+    moved = [part.norm for part in order if part.num_samples > 0 and part.norm > 0.0]
+    if math.isinf(norm_bound) or not moved:
         return list(order)
-    limit = norm_bound * statistics.median(part.norm for part in order if part.num_samples > 0)
+    limit = norm_bound * statistics.median(moved)
     return [
         dataclasses.replace(part, scale=part.scale * limit / part.norm) if part.norm > limit else part
         for part in order

@@ -155,6 +155,20 @@ def test_norm_bound_clips_each_delta_to_a_multiple_of_the_median_norm() -> None:
     torch.testing.assert_close(plain["linear_1.weight"], torch.tensor([[-3.0, 2.0 / 3]]))
 
 
+def test_norm_bound_takes_its_median_over_the_clients_that_moved() -> None:
+    # A client whose round was one step at a warm-up rate of 0 sends W^k = W. Counted, the three
+    # still ones would pull the median of (0, 0, 0, 2, 4) to 0 and the bound would flatten every
+    # move; over the movers (2, 4) the median is 3, the bound 1.5 * 3 = 4.5, and nothing is clipped.
+    global_params = {"linear_1.weight": torch.tensor([[0.0, 0.0]])}
+    moves = {"a": [2.0, 0.0], "b": [0.0, 4.0], "still-1": [0.0, 0.0], "still-2": [0.0, 0.0], "still-3": [0.0, 0.0]}
+    updates = [ClientUpdate(cid, 1, {"linear_1.weight": torch.tensor([move])}, {}) for cid, move in moves.items()]
+    bounded = build_strategy("fedavg", {"norm_bound": 1.5}).aggregate(global_params, updates)
+    torch.testing.assert_close(bounded["linear_1.weight"], torch.tensor([[2.0 / 5, 4.0 / 5]]))
+    still = [update for update in updates if update.client_id.startswith("still")]  # nobody moved: nothing to bound
+    torch.testing.assert_close(build_strategy("fedavg", {"norm_bound": 1.5}).aggregate(global_params, still),
+                               global_params)
+
+
 def test_sum_of_squares_is_float64_accurate_and_survives_float32_overflow() -> None:
     gen = torch.Generator().manual_seed(0)
     large = torch.randn(4096, 4097, generator=gen) + 3.0  # the 7B layer's size: one float32 sum is off by 1e-4
