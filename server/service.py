@@ -30,7 +30,7 @@ from fedcmp.server.rounds import Coordinator, SessionError, TaskSpec, capped
 from fedcmp.server.security import BearerTokenInterceptor, bearer_token, token_owner
 from fedcmp.server.status_feed import StatusFeed
 from fedcmp.server.store import UploadStorageError
-from fedcmp.server.upload_rules import max_upload_samples, upload_header_problem
+from fedcmp.server.upload_rules import upload_header_problem
 
 log = logging.getLogger("fedcmp.server")
 
@@ -117,7 +117,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
 
         recipe = self.coordinator.recipe
         metrics = dict(header.metrics)
-        problem = upload_header_problem(header.num_samples, metrics, max_upload_samples(recipe, client.num_samples))
+        problem = upload_header_problem(header.num_samples, metrics, recipe.local_steps_for(client.num_samples),
+                                        recipe.batch_size)
         if problem:
             log.warning("refused the upload of %s for round %d: %s", client.client_id, header.round, problem)
             self._count_upload("refused")

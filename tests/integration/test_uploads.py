@@ -182,6 +182,11 @@ def test_a_concurrent_nan_stream_cannot_poison_the_committed_global(loopback) ->
     (SAMPLES, {"train_loss\n": 0.0}, "metric name 'train_loss\\\\n' is not allowed"),
     (SAMPLES, {"x" * 65: 0.0}, "is not allowed"),
     (SAMPLES, {"train_loss": float("nan")}, "train_loss = nan is not finite"),
+    # FedNova weighs n_k / tau_k: claiming fewer steps than the samples need, or more than the task, is refused
+    (SAMPLES, {"steps": 1.0}, "num_samples 32 is outside 1..16 (the 1 steps made times the batch size 16)"),
+    (SAMPLES, {"steps": 3.0}, "metric steps = 3.0 is not a whole number in 1..2 (the task's local steps)"),
+    (SAMPLES, {"steps": 1.5}, "metric steps = 1.5 is not a whole number"),
+    (SAMPLES, {"steps": 0.0}, "metric steps = 0.0 is not a whole number"),
 ])
 def test_an_upload_header_out_of_bounds_is_refused_and_the_round_goes_on(loopback, num_samples, metrics,
                                                                          reason) -> None:
@@ -193,11 +198,11 @@ def test_an_upload_header_out_of_bounds_is_refused_and_the_round_goes_on(loopbac
     ack = server.stub.UploadUpdate(upload_messages("a", token, task, blob, num_samples, metrics))
     assert not ack.accepted and reason in ack.reason.replace("\\", "\\\\"), ack.reason
     assert server.store.uploads(1) == [] and server.coordinator.phase is Phase.TRAINING
-    ack = server.stub.UploadUpdate(upload_messages("a", token, task, blob, metrics={"train_loss": 1.0}))
+    ack = server.stub.UploadUpdate(upload_messages("a", token, task, blob, metrics={"train_loss": 1.0, "steps": 2.0}))
     assert ack.accepted, ack.reason
     server.wait_committed(1)
     committed = server.coordinator.record.history[0]
-    assert set(committed) >= {"round", "participants", "duration_s"} and committed["metrics"] == {"train_loss": 1.0}
+    assert set(committed) >= {"round", "participants", "duration_s"} and committed["metrics"] == {"train_loss": 1.0, "steps": 2.0}
 
 
 @pytest.mark.parametrize("refused_upload", ["header", "contents"])
