@@ -137,10 +137,11 @@ class Coordinator:
     async def _wait_change(self, timeout: float, tasks_only: bool = False) -> None:
         """Until the next change (with `tasks_only`: the next milestone, see `next_task`), or `timeout` seconds."""
         changed = self._tasks_changed if tasks_only else self._changed
-        try:
-            await asyncio.wait_for(changed.wait(), timeout=max(timeout, 0.0))
-        except asyncio.TimeoutError:
-            pass
+        waiter = asyncio.ensure_future(changed.wait())
+        try:  # not asyncio.wait_for: on 3.11 it drops a cancel that lands as the event is set
+            await asyncio.wait({waiter}, timeout=max(timeout, 0.0))
+        finally:
+            waiter.cancel()
 
     # ---- registration and sessions --------------------------------------------------------
     def register(self, client_id: str, instance_id: str, shapes: Shapes, num_samples: int,

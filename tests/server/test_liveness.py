@@ -185,3 +185,18 @@ def test_heartbeats_record_progress_and_the_eta_runs_on_the_coordinators_clock(t
     assert client.progress.started == started  # the same task: its start stays
     assert client.progress.eta_s(started + 10.0) == pytest.approx(10.0)
     assert Progress(1, 0, 10).eta_s(started) == -1.0 and Progress(1, 3, 10).eta_s(started) == -1.0  # unknown
+
+
+def test_cancelling_the_run_as_a_change_arrives_still_stops_it(tmp_path) -> None:
+    """A cancel in the same loop step as a change must not be lost (Python 3.11's wait_for loses it)."""
+    async def scenario() -> None:
+        coordinator = make_coordinator(tmp_path, rounds=1, min_clients=1, **FAST)
+        run = asyncio.create_task(coordinator.run())
+        await until(lambda: coordinator.phase is Phase.WAITING, "the wait for clients")
+        await asyncio.sleep(0.01)  # the run is parked in its wait for a change
+        coordinator._notify()
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(run, GUARD_S)
+
+    asyncio.run(scenario())
