@@ -34,6 +34,9 @@ SAFETENSORS_NAMES: dict[str, str] = {"float32": "F32", "bfloat16": "BF16"}
 # Element sizes of every safetensors dtype, to name a foreign dtype from a blob's size alone.
 SAFETENSORS_ITEMSIZES: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
                                          "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+TORCH_SAFETENSORS_NAMES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 HEADER_LENGTH_BYTES = 8  # safetensors starts with the JSON header's length, little-endian u64
 MAX_METADATA_BYTES = 16 * 1024  # string metadata a projector blob may carry in its header (provenance)
 
@@ -354,13 +357,15 @@ def receive_blob(chunks: Iterable[bytes], expected_size: int, expected_sha256: s
     return receiver.finish()
 
 
-def write_atomic(path: Path, blob: bytes | memoryview) -> None:
-    """Write `blob` to `path` so a crash leaves either the old file or the new one: temp, fsync, rename."""
+def write_atomic(path: Path, *parts: bytes | memoryview) -> None:
+    """Write `parts`, one after another, to `path` so a crash leaves either the old file or the
+    new one: temp, fsync, rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(temp, "wb") as handle:
-            handle.write(blob)
+            for part in parts:
+                handle.write(part)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temp, path)
@@ -379,7 +384,33 @@ def fsync_dir(directory: Path) -> None:
 
 
 def save_params_file(path: Path, params: Mapping[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    write_atomic(path, encode_params(params, metadata))
+    """`params` as a safetensors file, written atomically straight from the tensors' storage.
+
+    No whole-file buffer (`encode_params` holds the blob and safetensors a copy of every tensor
+    besides): the header, then each tensor's bytes. Tensors lie by element size, largest first,
+    then by key, so every tensor is aligned; metadata keys are sorted, so equal inputs give
+    equal bytes. A float32 projector is thus laid out as `BlobLayout` says, metadata aside.
+    """
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in params.items()}
+    order = sorted(tensors, key=lambda key: (-tensors[key].element_size(), key))
+    entries: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    offset = 0
+    for key in order:
+        end = offset + tensors[key].numel() * tensors[key].element_size()
+        entries[key] = {"dtype": _safetensors_dtype(key, tensors[key].dtype), "shape": list(tensors[key].shape),
+                        "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(entries, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    write_atomic(path, struct.pack("<Q", len(text)) + text,
+                 *(memoryview(tensors[key].reshape(-1).view(torch.uint8).numpy()) for key in order))
+
+
+def _safetensors_dtype(key: str, dtype: torch.dtype) -> str:
+    try:
+        return TORCH_SAFETENSORS_NAMES[dtype]
+    except KeyError:
+        raise ValueError(f"{key}: safetensors cannot store dtype {dtype}") from None
 
 
 def load_params_file(path: Path) -> dict[str, Tensor]:

@@ -24,11 +24,22 @@ from fedcmp.common.security import SecurityConfigError
 from fedcmp.server.metrics import CoordinatorMetrics
 from fedcmp.server.rounds import Coordinator
 from fedcmp.server.security import load_tokens, server_credentials
-from fedcmp.server.service import SERVICE_NAME, build_server
+from fedcmp.server.service import SERVICE_NAME, STREAM_WINDOW_BYTES, build_server
 from fedcmp.server.store import RunRecord, RunStore, StateError
 from fedcmp.server.strategies import Strategy, build_strategy
 
 log = logging.getLogger("fedcmp.server")
+
+
+def stream_window_mib(text: str) -> float:
+    """--stream-window-mib: MiB from 1/16 (64 KiB, HTTP/2's default window) to 1024."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of MiB") from None
+    if not 1 / 16 <= value <= 1024:
+        raise argparse.ArgumentTypeError(f"{text} MiB is outside 0.0625-1024")
+    return value
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--public-status", action="store_true",
                         help="with --auth-tokens: GetStatus/WatchStatus/reflection need no token")
     parser.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (/metrics)")
+    parser.add_argument("--stream-window-mib", type=stream_window_mib, default=STREAM_WINDOW_BYTES / 2**20,
+                        help="HTTP/2 receive window of each transfer in MiB (0.0625-1024): bounds the memory an "
+                             "upload parks in the server and one transfer's speed at window / round-trip time")
     parser.add_argument("--port-file", type=Path, help="write the bound port here once serving (for scripts)")
     parser.add_argument("-v", "--verbose", action="store_true")
     add_common_flags(parser)
@@ -119,7 +133,8 @@ def security(args: argparse.Namespace) -> tuple[grpc.ServerCredentials | None, d
 
 async def serve(args: argparse.Namespace, coordinator: Coordinator, credentials: grpc.ServerCredentials | None,
                 tokens: dict[str, str] | None) -> int:
-    server, port = build_server(coordinator, f"{args.host}:{args.port}", credentials, tokens, args.public_status)
+    server, port = build_server(coordinator, f"{args.host}:{args.port}", credentials, tokens, args.public_status,
+                                round(args.stream_window_mib * 2**20))
     await server.start()
     if tokens and credentials is None:
         log.warning("!!! bearer tokens over PLAINTEXT: anyone on the network path can read them and act as your "

@@ -37,7 +37,7 @@ from fedcmp.server.liveness import GONE, ClientRecord, Progress, Shapes, is_live
 from fedcmp.server.safe_aggregation import Outcome, aggregate_safely
 from fedcmp.server.store import EncodedGlobal, RunRecord, RunStore, SpilledUpload
 from fedcmp.server.strategies import Strategy
-from fedcmp.server.strategies.base import sum_of_squares
+from fedcmp.server.strategies.base import blocks, sum_of_squares
 
 if TYPE_CHECKING:
     from fedcmp.server.metrics import CoordinatorMetrics
@@ -526,7 +526,9 @@ def capped(metrics: dict[str, Any]) -> dict[str, float]:
 
 def update_norm(old: dict[str, Tensor], new: dict[str, Tensor]) -> float:
     """Size of the committed global step, for watching oscillation: ||W_{t+1} - W_t||_F over all tensors."""
-    return math.sqrt(sum(sum_of_squares(torch.sub(new[key], old[key])) for key in old))
+    return math.sqrt(sum(sum_of_squares(torch.sub(new_block, old_block))
+                         for key in old for new_block, old_block in zip(blocks(new[key].contiguous()),
+                                                                        blocks(old[key].contiguous()))))
 
 
 def _summary(values: dict[str, Any]) -> str:

@@ -36,6 +36,13 @@ log = logging.getLogger("fedcmp.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 
+# Each stream's HTTP/2 receive window, fixed (gRPC's bandwidth-delay probing is off). With probing,
+# gRPC grows the window of an upload whose chunks arrive faster than the I/O pool checks and writes
+# them, and the server parks that much per stream: 16 concurrent uploads of the 84 MB 7B projector
+# peaked at 19 projectors of anonymous memory above the server's start, against 7.4 with 4 MiB
+# (docs/decisions.md). One stream's throughput is at most window / round-trip time (40 MB/s at
+# 100 ms); `fedcmp-server --stream-window-mib` raises it for long, fat links.
+STREAM_WINDOW_BYTES = 4 * 1024 * 1024
 # Status stays far below fedcmp-status's 4 MiB receive limit, whatever the clients send or how many register.
 STATUS_CLIENTS = 1000  # clients (and selected / reported / excluded ids) listed
 STATUS_ROUNDS = 200  # most recent rounds in the history
@@ -224,15 +231,18 @@ def backbones_message(backbones: Backbones | None) -> pb.Backbones | None:
 
 
 def build_server(coordinator: Coordinator, bind: str, credentials: grpc.ServerCredentials | None = None,
-                 tokens: dict[str, str] | None = None, public_status: bool = False) -> tuple[grpc.aio.Server, int]:
+                 tokens: dict[str, str] | None = None, public_status: bool = False,
+                 stream_window_bytes: int = STREAM_WINDOW_BYTES) -> tuple[grpc.aio.Server, int]:
     """A grpc.aio server with the Coordinator, health and reflection services, bound to `bind`.
 
     With `credentials` it serves TLS (mutual TLS when they require client certificates); with
     `tokens` every call but health needs a bearer token: a client's, or for status and reflection
-    an operator's unless `public_status`.
+    an operator's unless `public_status`. Each stream's HTTP/2 receive window is fixed at
+    `stream_window_bytes` (see STREAM_WINDOW_BYTES).
     """
     options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+               ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+               ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", stream_window_bytes)]
     interceptors = (BearerTokenInterceptor(tokens, public_status),) if tokens is not None else ()
     server = grpc.aio.server(options=options, interceptors=interceptors)
     pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator, tokens), server)

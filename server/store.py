@@ -219,7 +219,8 @@ class RunStore:
         return self.recipe_file.read_text()
 
     def load_global(self, version: int) -> dict[str, Tensor]:
-        return load_params_file(self.global_path(version))
+        """Global `version`'s float32 tensors, memory-mapped (page cache, read on touch), not read."""
+        return map_projector_file(self.global_path(version))
 
     def save_recipe_json(self, recipe_json: str) -> None:
         """Replace the stored recipe (a resume that changed operational fields)."""
@@ -235,6 +236,7 @@ class RunStore:
         with self._encoded_lock:
             cached = self._encoded
             if cached is None or (cached.version, cached.wire_dtype) != (version, wire_dtype):
+                self._encoded = cached = None  # the old version's chunks go before the new ones are read
                 cached = self._encode_global(version, wire_dtype)
                 self._encoded = cached
             return cached

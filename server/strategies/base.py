@@ -39,6 +39,7 @@ from torch import Tensor
 
 ROUND_KEY = "round"  # state key of the round counter (0-d int64), shared by stateful strategies
 NORM_BOUND_KEY = "norm_bound"  # the hyper-parameter every strategy accepts (see `bounded`)
+BLOCK_ELEMENTS = 1 << 20  # 4 MiB of float32: what a blockwise pass holds besides its outputs
 
 
 @dataclass
@@ -272,20 +273,31 @@ def sample_weight(update: ClientUpdate) -> float:
     return float(update.num_samples)
 
 
+def blocks(tensor: Tensor) -> tuple[Tensor, ...]:
+    """Consecutive 1-D views of a contiguous `tensor`, BLOCK_ELEMENTS each (the last may be shorter)."""
+    return tensor.view(-1).split(BLOCK_ELEMENTS)
+
+
 class _DeltaSum:
-    """Pass accumulating sum_k v_k s_k D_k per key (float32) and sum_k v_k."""
+    """Pass accumulating sum_k v_k s_k D_k per key (float32) and sum_k v_k.
+
+    Each delta is formed block by block into one scratch block, so the pass holds the sum and
+    a block, not a second projector.
+    """
 
     def __init__(self, base: Mapping[str, Tensor], weigh: Weigh) -> None:
         self.base, self.weigh = base, weigh
         self.weight = 0.0
         self.total = {key: torch.zeros_like(tensor) for key, tensor in base.items()}
-        self.delta = {key: torch.empty_like(tensor) for key, tensor in base.items()}  # s_k D_k, reused
+        self.scratch = torch.empty(min(BLOCK_ELEMENTS, max(t.numel() for t in base.values())))  # s_k D_k, a block
 
     def add(self, position: int, update: ClientUpdate, part: Participant) -> None:
         weight = self.weigh(update)
         self.weight += weight
         for key, acc in self.total.items():
-            acc.add_(part.delta(update.params[key], self.base[key], out=self.delta[key]), alpha=weight)
+            new = float32(update.params[key]).contiguous()
+            for acc_block, new_block, base_block in zip(blocks(acc), blocks(new), blocks(self.base[key])):
+                acc_block.add_(part.delta(new_block, base_block, out=self.scratch[:len(acc_block)]), alpha=weight)
 
 
 def mean_delta(
@@ -298,7 +310,7 @@ def mean_delta(
 
     One pass over sorted `updates` without a norm bound; with one, a `survey` pass first.
     """
-    base = {key: float32(tensor) for key, tensor in global_params.items()}
+    base = {key: float32(tensor).contiguous() for key, tensor in global_params.items()}
     if math.isinf(norm_bound):
         order, acc = first_pass(global_params, updates, lambda: _DeltaSum(base, weigh))
     else:

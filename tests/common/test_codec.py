@@ -6,6 +6,8 @@ import re
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file as safetensors_load_file
 
 from fedcmp.common.codec import (MAX_METADATA_BYTES, WIRE_DTYPES, BlobIntegrityError, BlobLayout, BlobReceiver, ProjectorStreamCheck,
                                  decode_params, decode_projector, encode_params, encode_projector, iter_chunks,
@@ -72,6 +74,31 @@ def test_file_round_trip_and_missing_file(tmp_path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["p.safetensors"]  # no temp files left behind
     with pytest.raises(BlobIntegrityError, match="cannot read"):
         load_params_file(tmp_path / "absent.safetensors")
+
+
+def test_a_file_is_written_from_the_tensors_and_reads_back_exactly(tmp_path) -> None:
+    """Every dtype a strategy state may hold, a 0-d, an empty and a non-contiguous tensor; metadata kept."""
+    params = {"w": torch.randn(6, 4).t(), "step": torch.tensor(7), "h": torch.randn(5, dtype=torch.float64),
+              "b": torch.randn(3).to(torch.bfloat16), "mask": torch.tensor([True, False]), "none": torch.zeros(0),
+              "i8": torch.tensor([-3, 4], dtype=torch.int8)}
+    save_params_file(tmp_path / "s.safetensors", params, {"z": "1", "a": 'q"uote'})
+    loaded = safetensors_load_file(tmp_path / "s.safetensors")
+    assert loaded.keys() == params.keys()
+    assert all(loaded[key].dtype == params[key].dtype and torch.equal(loaded[key], params[key]) for key in params)
+    with safe_open(str(tmp_path / "s.safetensors"), "pt") as handle:
+        assert handle.metadata() == {"z": "1", "a": 'q"uote'}
+    with pytest.raises(ValueError, match="cannot store dtype torch.complex64"):
+        save_params_file(tmp_path / "c.safetensors", {"c": torch.zeros(2, dtype=torch.complex64)})
+
+
+def test_a_float32_projector_file_is_a_wire_blob_the_stream_check_admits(tmp_path) -> None:
+    params = projector()
+    save_params_file(tmp_path / "g.safetensors", params, {"fedcmp.round": "3"})
+    blob = (tmp_path / "g.safetensors").read_bytes()
+    check = ProjectorStreamCheck(BlobLayout.of(projector_shapes_of(params), "float32"), len(blob))
+    for chunk in iter_chunks(blob, 1000):
+        check.add(chunk)
+    assert all(torch.equal(decode_projector(blob)[key], params[key]) for key in params)
 
 
 def test_a_failed_atomic_write_leaves_no_temp_file(tmp_path, monkeypatch) -> None:

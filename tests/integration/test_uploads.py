@@ -30,7 +30,7 @@ from fedcmp.common.recipe import Recipe
 from fedcmp.common.wire import coordinator_pb2 as pb
 from fedcmp.common.wire import coordinator_pb2_grpc as pb_grpc
 from fedcmp.server.rounds import Coordinator, Phase
-from fedcmp.server.service import build_server
+from fedcmp.server.service import STREAM_WINDOW_BYTES, build_server
 from fedcmp.server.store import RunStore
 from fedcmp.server.strategies import build_strategy
 
@@ -42,7 +42,8 @@ BACKBONES = Backbones("micro", "micro", "1" * 64, "2" * 64)
 class LoopbackCoordinator:
     """A coordinator and its gRPC server on 127.0.0.1, run on a private event loop thread."""
 
-    def __init__(self, state_dir, **recipe_fields) -> None:
+    def __init__(self, state_dir, window: int = STREAM_WINDOW_BYTES, **recipe_fields) -> None:
+        self.window = window
         self.recipe = Recipe(**{"rounds": 1, "min_clients": 1, "local_steps": 2, "batch_size": 16,
                                 "round_timeout_s": 60.0, **recipe_fields})
         self.store = RunStore(state_dir)
@@ -57,7 +58,7 @@ class LoopbackCoordinator:
 
     async def _start(self, record) -> Coordinator:
         coordinator = Coordinator(self.recipe, self.store, build_strategy("fedavg", {}), record)
-        self.server, port = build_server(coordinator, "127.0.0.1:0")
+        self.server, port = build_server(coordinator, "127.0.0.1:0", stream_window_bytes=self.window)
         await self.server.start()
         self.address = f"127.0.0.1:{port}"
         self.run = asyncio.create_task(coordinator.run())
@@ -364,3 +365,19 @@ def test_status_answers_while_an_upload_is_stuck_on_disk(loopback, monkeypatch) 
     release.set()
     uploader.join(timeout=30)
     assert acks and acks[0].accepted, acks
+
+
+def test_the_server_fixes_each_streams_window_and_uploads_pass_through_the_smallest(loopback, monkeypatch) -> None:
+    """No bandwidth-delay probing (it let the window, and what a stream parks in the server, grow)."""
+    options = []
+    real_server = grpc.aio.server
+    monkeypatch.setattr(grpc.aio, "server", lambda **kwargs: options.append(kwargs["options"]) or real_server(**kwargs))
+    server = loopback(window=64 * 1024)
+    assert {("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 64 * 1024)} <= set(options[0])
+    daemon = honest_daemon(server, server.recipe)
+    task = server.train_task("a", daemon.token)
+    params = shifted(daemon.download(task.global_version), 0.5)
+    daemon.upload(task, params, {"train_loss": 1.0, "samples": float(SAMPLES)})
+    server.wait_committed(1)
+    assert all(torch.allclose(server.store.load_global(1)[key], params[key]) for key in params)
+    daemon.link.close()

@@ -74,3 +74,12 @@ def test_an_unusable_state_dir_is_a_usage_error(tmp_path, capsys) -> None:
 def test_a_bad_strategy_is_refused_before_anything_is_written(tmp_path, capsys) -> None:
     assert main(["--state-dir", str(tmp_path / "state"), "--strategy", "fedsomething"]) == EXIT_USAGE
     assert "fedsomething" in capsys.readouterr().err and not RunStore(tmp_path / "state").has_run()
+
+
+@pytest.mark.parametrize("value, message", [("0", "0 MiB is outside 0.0625-1024"), ("2048", "outside 0.0625-1024"),
+                                            ("four", "'four' is not a number of MiB")])
+def test_a_stream_window_out_of_range_is_a_usage_error(tmp_path, capsys, value, message) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--state-dir", str(tmp_path), "--stream-window-mib", value])
+    assert exit_info.value.code == EXIT_USAGE and message in capsys.readouterr().err
+    assert parse_args(["--state-dir", str(tmp_path), "--stream-window-mib", "0.5"]).stream_window_mib == 0.5

@@ -6,6 +6,7 @@ import errno
 import io
 import json
 import threading
+import weakref
 
 import pytest
 import torch
@@ -221,6 +222,25 @@ def test_a_global_is_encoded_once_per_version_and_wire_dtype(tmp_path) -> None:
     assert torch.equal(decode_projector(blob)["linear_1.bias"], torch.full((4,), 0.5))  # 0.5 is exact in bfloat16
     with safe_open(store.global_path(0), framework="pt") as stored:  # the download keeps the global's provenance
         assert stored.metadata() == safetensors_metadata(blob)
+
+
+def test_the_old_versions_chunks_are_let_go_before_the_new_ones_are_read(tmp_path, monkeypatch) -> None:
+    """At most one encoded global in memory: the server's memory stays flat across rounds."""
+    store = RunStore(tmp_path)
+    record = store.commit_initial_global(store.create("{}", "fedavg"), params(0.5))
+    old = weakref.ref(store.encoded_global(0, "float32"))
+    store.commit_round(record, 1, params(1.0), {}, {"round": 1})
+    real_encode = store._encode_global
+    held_while_reading = []
+
+    def encode(version: int, wire_dtype: str):
+        held_while_reading.append(old() is not None)
+        return real_encode(version, wire_dtype)
+
+    monkeypatch.setattr(store, "_encode_global", encode)
+    assert torch.equal(decode_projector(b"".join(store.encoded_global(1, "float32").chunks))["linear_1.bias"],
+                       torch.full((4,), 1.0))
+    assert held_while_reading == [False]
 
 
 def test_a_float32_global_is_served_as_its_file_and_any_other_is_encoded(tmp_path) -> None:

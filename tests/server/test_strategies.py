@@ -15,6 +15,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fedcmp.server.strategies import ClientUpdate, Strategy, available_strategies, build_strategy, hyper_parameters
+from fedcmp.server.rounds import update_norm
+from fedcmp.server.strategies import base as strategies_base
 from fedcmp.server.strategies.base import sum_of_squares
 from fedcmp.server.strategies.fedcmp import (Rows, group_layers, overlap_fusion, reliability_weights, select_rank,
                                              significant_disagreement)
@@ -821,3 +823,28 @@ def test_load_state_dict_rejects_foreign_state() -> None:
         build_strategy("fedadam").load_state_dict({"round": torch.tensor(1), "momentum/x": torch.zeros(1)})
     with pytest.raises(ValueError, match="round"):
         build_strategy("fedcmp").load_state_dict({})
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox", "fednova"])
+def test_deltas_formed_block_by_block_give_the_mean_of_whole_tensors(monkeypatch, strategy: str) -> None:
+    """Blocks of 7 elements cut every tensor mid-row and leave a short last block."""
+    gen = torch.Generator().manual_seed(3)
+    global_params = {"linear_1.weight": torch.randn(10, 9, generator=gen), "linear_1.bias": torch.randn(10, generator=gen)}
+    updates = [ClientUpdate(f"c{k}", k + 1, {key: t + torch.randn(t.shape, generator=gen) for key, t in global_params.items()},
+                            {"steps": 1.0}) for k in range(3)]
+    whole = build_strategy(strategy, {}).aggregate(global_params, updates)
+    monkeypatch.setattr(strategies_base, "BLOCK_ELEMENTS", 7)
+    blocked = build_strategy(strategy, {}).aggregate(global_params, updates)
+    weights = torch.tensor([1.0, 2.0, 3.0]) / 6.0
+    for key, tensor in global_params.items():
+        expected = tensor.double() + sum(w * (u.params[key].double() - tensor.double()) for w, u in zip(weights, updates))
+        assert torch.allclose(blocked[key].double(), expected, atol=1e-5) and torch.equal(blocked[key], whole[key])
+
+
+def test_the_committed_steps_norm_is_the_same_in_blocks(monkeypatch) -> None:
+    gen = torch.Generator().manual_seed(4)
+    old = {"w": torch.randn(13, 5, generator=gen), "b": torch.randn(13, generator=gen)}
+    new = {key: t + torch.randn(t.shape, generator=gen) for key, t in old.items()}
+    exact = math.sqrt(sum(float((new[k].double() - old[k].double()).pow(2).sum()) for k in old))
+    monkeypatch.setattr(strategies_base, "BLOCK_ELEMENTS", 4)
+    assert update_norm(old, new) == pytest.approx(exact, rel=1e-6)
