@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from fedcmp.client.allocator import pin_mmap_threshold
+from fedcmp.common.allocator import pin_mmap_threshold
 from fedcmp.client.data import DataOptions, ScannedData, split_train_val
 from fedcmp.client.sources import BadSample, DataError, Source
 from fedcmp.client.sources.images import load_rgb
@@ -218,7 +218,7 @@ def open_features(model: ProjectorMLLM, recipe: Recipe, scanned: ScannedData, op
                   cache_dir: Path | None = None, show_progress: bool = False) -> EncodedSplit:
     """The usable rows of `scanned` with their features (cached on disk or live, per `recipe.feature_cache`)
     and tokenized captions. Rows whose image cannot be decoded join the bad samples (policy and cap apply)."""
-    pin_mmap_threshold()  # encoding thousands of batches must not grow the heap (client/allocator.py)
+    pin_mmap_threshold()  # encoding thousands of batches must not grow the heap (common/allocator.py)
     source, dtype = scanned.source, recipe.feature_dtype
     store: FeatureStore
     if recipe.feature_cache == "disk":

@@ -37,6 +37,7 @@ from fedcmp.server.liveness import GONE, ClientRecord, Progress, Shapes, is_live
 from fedcmp.server.safe_aggregation import Outcome, aggregate_safely
 from fedcmp.server.store import EncodedGlobal, RunRecord, RunStore, SpilledUpload
 from fedcmp.server.strategies import Strategy
+from fedcmp.common.allocator import release_free_memory
 from fedcmp.server.strategies.base import blocks, sum_of_squares
 
 if TYPE_CHECKING:
@@ -412,6 +413,7 @@ class Coordinator:
         }
         self.record = await self._durably(f"commit round {round_index}", self.store.commit_round, self.record,
                                           round_index, new_global, self.strategy.state_dict(), row)
+        await asyncio.to_thread(release_free_memory)
         if self.metrics is not None:
             self.metrics.round_committed(row)
         for client in self.clients.values():

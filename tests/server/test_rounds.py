@@ -11,6 +11,7 @@ from fedcmp.common.codec import BlobLayout, decode_projector, encode_projector, 
 from fedcmp.common.projector import projector_shapes
 from fedcmp.common.recipe import Recipe
 from fedcmp.server.cli import restore_strategy
+from fedcmp.server import rounds
 from fedcmp.server.rounds import Coordinator, Phase, SessionError
 from fedcmp.server.store import RunStore
 from fedcmp.server.strategies import build_strategy
@@ -56,7 +57,10 @@ async def act_as_client(coordinator: Coordinator, client_id: str, shift: float, 
             assert coordinator.accept_evaluation(client, task.global_version, 5, {"val_loss": 0.1}).accepted
 
 
-def test_a_run_goes_to_done_with_fedavg_of_the_uploads(tmp_path) -> None:
+def test_a_run_goes_to_done_with_fedavg_of_the_uploads(tmp_path, monkeypatch) -> None:
+    releases = []  # committed rounds when the server handed its free memory back
+    monkeypatch.setattr(rounds, "release_free_memory", lambda: releases.append(RunStore(tmp_path).load().committed_round))
+
     async def scenario() -> Coordinator:
         coordinator = make_coordinator(tmp_path)
         run = asyncio.create_task(coordinator.run())
@@ -67,7 +71,7 @@ def test_a_run_goes_to_done_with_fedavg_of_the_uploads(tmp_path) -> None:
         return coordinator
 
     coordinator = asyncio.run(scenario())
-    assert coordinator.phase is Phase.DONE
+    assert coordinator.phase is Phase.DONE and releases == [1, 2]  # after each commit: the round's buffers are free
     record = RunStore(tmp_path).load()
     assert record.done and record.committed_round == 2
     start = coordinator.store.load_global(1)
