@@ -280,15 +280,22 @@ def sha256_hex(blob: bytes | memoryview) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def read_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> tuple[tuple[bytes, ...], int, str]:
-    """A file as consecutive `chunk_bytes` pieces (one read each, no whole-file copy), its size and sha256."""
-    digest = hashlib.sha256()
-    chunks = []
+def file_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """A file as consecutive `chunk_bytes` pieces, read one at a time (an empty file: one empty piece)."""
     with open(path, "rb") as handle:
+        chunk = handle.read(chunk_bytes)
+        yield chunk
         while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-            chunks.append(chunk)
-    return tuple(chunks) or (b"",), sum(map(len, chunks)), digest.hexdigest()
+            yield chunk
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    """A file's size and sha256, read a chunk at a time."""
+    digest, size = hashlib.sha256(), 0
+    for chunk in file_chunks(path):
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
 
 
 def safetensors_dtypes(first_bytes: bytes) -> set[str] | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedcmp-server: --state-dir {args.state_dir} is not usable: {error.strerror or error} "
               f"({error.filename or args.state_dir})", file=sys.stderr)
         return EXIT_USAGE
+    gc.freeze()  # the modules and run state loaded so far: out of every later garbage collection
     try:
         import uvloop
 

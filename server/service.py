@@ -3,7 +3,7 @@
 Runs on grpc.aio. Sessions are checked on every call; blobs stream in CHUNK_BYTES chunks both
 ways; uploads are spilled to disk chunk by chunk, never held whole in memory. The event loop only
 moves bytes: an upload's header is judged here, its chunks are hashed, checked and written on the
-store's I/O pool, and a download is served from the global's one encoded buffer. WatchStatus
+store's I/O pool, and a download sends the global's BlobChunk messages, serialized once per version. WatchStatus
 streams share one status build per burst of changes (server/status_feed.py).
 """
 from __future__ import annotations
@@ -35,6 +35,9 @@ from fedcmp.server.upload_rules import upload_header_problem
 log = logging.getLogger("fedcmp.server")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
+# Methods whose replies are serialized once and sent to every caller: a download's BlobChunks are
+# built per global version, not per client (two copies of the projector less per download).
+PRESERIALIZED = frozenset({"DownloadProjector"})
 
 # Each stream's HTTP/2 receive window, fixed (gRPC's bandwidth-delay probing is off). With probing,
 # gRPC grows the window of an upload whose chunks arrive faster than the I/O pool checks and writes
@@ -96,7 +99,7 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         return pb.HeartbeatAck()
 
     async def DownloadProjector(self, request: pb.DownloadRequest,
-                                context: grpc.aio.ServicerContext) -> AsyncIterator[pb.BlobChunk]:
+                                context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
         await self._session(request.client_id, request.session_token, context)
         loop = asyncio.get_running_loop()
         try:  # the first download of a version encodes it, on the I/O pool
@@ -105,10 +108,8 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         except LookupError as error:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(error))
             raise  # abort raises; this keeps type checkers informed
-        offset = 0
-        for chunk in encoded.chunks:
-            yield pb.BlobChunk(data=chunk, offset=offset, total_size=encoded.size, sha256=encoded.sha256)
-            offset += len(chunk)
+        for message in encoded.messages:  # serialized BlobChunks (see PRESERIALIZED)
+            yield message
 
     async def UploadUpdate(self, request_iterator: AsyncIterator[pb.UploadMessage],
                            context: grpc.aio.ServicerContext) -> pb.UploadAck:
@@ -230,6 +231,30 @@ def backbones_message(backbones: Backbones | None) -> pb.Backbones | None:
     return pb.Backbones(**asdict(backbones)) if backbones is not None else None
 
 
+_HANDLER_KINDS = {(False, False): grpc.unary_unary_rpc_method_handler,
+                  (False, True): grpc.unary_stream_rpc_method_handler,
+                  (True, False): grpc.stream_unary_rpc_method_handler,
+                  (True, True): grpc.stream_stream_rpc_method_handler}
+
+
+def _as_is(message: bytes) -> bytes:
+    return message
+
+
+def add_coordinator_service(server: grpc.aio.Server, servicer: CoordinatorService) -> None:
+    """Register the fedcmp.v1.Coordinator methods as the generated code does, except that the
+    methods in PRESERIALIZED answer with messages already serialized (the store's `EncodedGlobal`)."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Coordinator"].methods:
+        request, reply = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=request.FromString,
+                                     response_serializer=_as_is if method.name in PRESERIALIZED
+                                     else reply.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)
+
+
 def build_server(coordinator: Coordinator, bind: str, credentials: grpc.ServerCredentials | None = None,
                  tokens: dict[str, str] | None = None, public_status: bool = False,
                  stream_window_bytes: int = STREAM_WINDOW_BYTES) -> tuple[grpc.aio.Server, int]:
@@ -245,7 +270,7 @@ def build_server(coordinator: Coordinator, bind: str, credentials: grpc.ServerCr
                ("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", stream_window_bytes)]
     interceptors = (BearerTokenInterceptor(tokens, public_status),) if tokens is not None else ()
     server = grpc.aio.server(options=options, interceptors=interceptors)
-    pb_grpc.add_CoordinatorServicer_to_server(CoordinatorService(coordinator, tokens), server)
+    add_coordinator_service(server, CoordinatorService(coordinator, tokens))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -39,10 +39,11 @@ from torch import Tensor
 
 from fedcmp.common.codec import (SAFETENSORS_NAMES, BlobIntegrityError, BlobLayout, BlobReceiver, ProjectorStreamCheck,
                                  encode_projector, fsync_dir, iter_chunks, load_params_file, load_params_metadata,
-                                 map_projector_file, read_chunks, safetensors_dtypes, save_params_file, sha256_hex,
+                                 map_projector_file, file_chunks, file_digest, safetensors_dtypes, save_params_file, sha256_hex,
                                  write_atomic)
 from fedcmp.common.provenance import Backbones, ProjectorProvenance
 from fedcmp.common.recipe import Recipe
+from fedcmp.common.wire import coordinator_pb2 as pb
 from fedcmp.server.strategies import ClientUpdate
 
 log = logging.getLogger("fedcmp.server")
@@ -50,6 +51,7 @@ log = logging.getLogger("fedcmp.server")
 CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: "$" would let a trailing newline in
 UPLOAD_CHECKS = "sha256+layout+finite"  # what a published upload header says was verified on arrival
 T = TypeVar("T")
+BLOB_CHUNK_DATA_TAG = 1 << 3 | 2  # BlobChunk.data: field 1, wire type 2 (length-delimited)
 
 
 class StateError(RuntimeError):
@@ -91,13 +93,45 @@ class SpilledUpload:
 
 @dataclass(frozen=True)
 class EncodedGlobal:
-    """A global version encoded once in the wire dtype, as the chunks every download sends."""
+    """A global version encoded once in the wire dtype, as the very messages every download sends.
+
+    `messages` are serialized fedcmp.v1.BlobChunk messages, one per CHUNK_BYTES piece of the
+    safetensors blob, so a download hands them to gRPC as they are: no message is built or
+    serialized per client. `chunks` are the pieces themselves, views into the messages.
+    """
 
     version: int
     wire_dtype: str
-    chunks: tuple[bytes, ...]  # consecutive CHUNK_BYTES pieces of one safetensors blob
+    messages: tuple[bytes, ...]
+    spans: tuple[tuple[int, int], ...]  # [start, end) of each message's piece of the blob
     size: int
     sha256: str
+
+    @classmethod
+    def of(cls, version: int, wire_dtype: str, chunks: Iterable[bytes | memoryview], size: int,
+           sha256: str) -> EncodedGlobal:
+        messages, spans, offset = [], [], 0
+        for chunk in chunks:
+            data = _varint(BLOB_CHUNK_DATA_TAG) + _varint(len(chunk)) if len(chunk) else b""  # proto3 omits b""
+            rest = pb.BlobChunk(offset=offset, total_size=size, sha256=sha256).SerializeToString()
+            messages.append(b"".join((data, chunk, rest)))  # fields in any order: this parses as one BlobChunk
+            spans.append((len(data), len(data) + len(chunk)))
+            offset += len(chunk)
+        return cls(version, wire_dtype, tuple(messages), tuple(spans), size, sha256)
+
+    @property
+    def chunks(self) -> tuple[memoryview, ...]:
+        return tuple(memoryview(message)[start:end] for message, (start, end) in zip(self.messages, self.spans))
+
+
+def _varint(value: int) -> bytes:
+    """`value` >= 0 as a protobuf base-128 varint."""
+    out = bytearray()
+    while True:
+        low, value = value & 0x7F, value >> 7
+        out.append(low | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
 
 class SpilledUpdates(Sequence[ClientUpdate]):
@@ -243,13 +277,11 @@ class RunStore:
 
     def _encode_global(self, version: int, wire_dtype: str) -> EncodedGlobal:
         path = self.global_path(version)
-        if wire_dtype == "float32":
-            chunks, size, sha256 = read_chunks(path)
-            if safetensors_dtypes(chunks[0]) == {SAFETENSORS_NAMES["float32"]}:
-                return EncodedGlobal(version, wire_dtype, chunks, size, sha256)
+        if wire_dtype == "float32" and safetensors_dtypes(next(file_chunks(path))) == {SAFETENSORS_NAMES["float32"]}:
+            size, sha256 = file_digest(path)  # first: every message carries them; then one piece at a time
+            return EncodedGlobal.of(version, wire_dtype, file_chunks(path), size, sha256)
         blob = encode_projector(self.load_global(version), wire_dtype, load_params_metadata(path))
-        return EncodedGlobal(version, wire_dtype, tuple(bytes(chunk) for chunk in iter_chunks(blob)), len(blob),
-                             sha256_hex(blob))
+        return EncodedGlobal.of(version, wire_dtype, iter_chunks(blob), len(blob), sha256_hex(blob))
 
     def load_strategy_state(self, round_index: int) -> dict[str, Tensor]:
         """The strategy state committed with round `round_index` (>= 1; before it there is none)."""

@@ -14,7 +14,8 @@ from safetensors import safe_open
 
 from fedcmp.common.codec import (BlobIntegrityError, BlobLayout, decode_projector, encode_params, encode_projector,
                                  iter_chunks, save_params_file, sha256_hex)
-from fedcmp.server.store import RunStore, SpilledUpdates, StateError, UploadStorageError
+from fedcmp.common.wire import coordinator_pb2 as pb
+from fedcmp.server.store import EncodedGlobal, RunStore, SpilledUpdates, StateError, UploadStorageError
 
 SHAPES = {"linear_1.weight": (4, 3), "linear_1.bias": (4,)}
 LAYOUT = BlobLayout.of(SHAPES, "float32")
@@ -222,6 +223,19 @@ def test_a_global_is_encoded_once_per_version_and_wire_dtype(tmp_path) -> None:
     assert torch.equal(decode_projector(blob)["linear_1.bias"], torch.full((4,), 0.5))  # 0.5 is exact in bfloat16
     with safe_open(store.global_path(0), framework="pt") as stored:  # the download keeps the global's provenance
         assert stored.metadata() == safetensors_metadata(blob)
+
+
+@pytest.mark.parametrize("first_piece", [0, 1, 127, 128, 300, 70_000])
+def test_the_served_messages_are_the_blob_chunks_a_download_expects(first_piece: int) -> None:
+    """Built by hand (a varint-framed data field, then the other fields), parsed by protobuf."""
+    blob = bytes(range(256)) * 300
+    pieces = [blob[:first_piece], blob[first_piece:first_piece + 5]]
+    encoded = EncodedGlobal.of(3, "float32", pieces, first_piece + 5, "ab" * 32)
+    offsets = [0, first_piece]
+    assert [pb.BlobChunk.FromString(message) for message in encoded.messages] == [
+        pb.BlobChunk(data=piece, offset=offset, total_size=first_piece + 5, sha256="ab" * 32)
+        for piece, offset in zip(pieces, offsets)]
+    assert [bytes(chunk) for chunk in encoded.chunks] == pieces
 
 
 def test_the_old_versions_chunks_are_let_go_before_the_new_ones_are_read(tmp_path, monkeypatch) -> None:
