@@ -25,6 +25,7 @@ from fedcmp.common.constants import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from fedcmp.common.provenance import Backbones
 from fedcmp.common.wire import coordinator_pb2 as pb
 from fedcmp.common.wire import coordinator_pb2_grpc as pb_grpc
+from fedcmp.server.framing import parse_upload_message
 from fedcmp.server.liveness import ClientRecord, Progress
 from fedcmp.server.rounds import Coordinator, SessionError, TaskSpec, capped
 from fedcmp.server.security import BearerTokenInterceptor, bearer_token, token_owner
@@ -38,6 +39,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
 # Methods whose replies are serialized once and sent to every caller: a download's BlobChunks are
 # built per global version, not per client (two copies of the projector less per download).
 PRESERIALIZED = frozenset({"DownloadProjector"})
+# Methods whose requests are read by hand: an upload's chunks are views of the received bytes.
+VIEWED = {"UploadUpdate": parse_upload_message}
 
 # Each stream's HTTP/2 receive window, fixed (gRPC's bandwidth-delay probing is off). With probing,
 # gRPC grows the window of an upload whose chunks arrive faster than the I/O pool checks and writes
@@ -111,10 +114,11 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
         for message in encoded.messages:  # serialized BlobChunks (see PRESERIALIZED)
             yield message
 
-    async def UploadUpdate(self, request_iterator: AsyncIterator[pb.UploadMessage],
+    async def UploadUpdate(self, request_iterator: AsyncIterator[pb.UploadMessage | memoryview],
                            context: grpc.aio.ServicerContext) -> pb.UploadAck:
+        """Messages come from `parse_upload_message`: a chunk is a view of its received bytes."""
         first = await anext(aiter(request_iterator), None)
-        if first is None or not first.HasField("header"):
+        if not isinstance(first, pb.UploadMessage) or not first.HasField("header"):
             return pb.UploadAck(accepted=False, reason="an upload must start with a header message")
         header = first.header
         client = await self._session(header.client_id, header.session_token, context)
@@ -133,11 +137,14 @@ class CoordinatorService(pb_grpc.CoordinatorServicer):
             self.coordinator.upload_refused(client, header.round, problem)
             return pb.UploadAck(accepted=False, reason=f"upload refused: {problem}")
 
-        async def chunks() -> AsyncIterator[bytes]:
+        async def chunks() -> AsyncIterator[bytes | memoryview]:
             async for message in request_iterator:
-                if not message.HasField("chunk"):
+                if isinstance(message, memoryview):
+                    yield message
+                elif message.HasField("chunk"):  # a chunk that protobuf parsed (it came with more fields)
+                    yield message.chunk
+                else:
                     raise BlobIntegrityError("a second header arrived in the middle of an upload")
-                yield message.chunk
 
         layout = BlobLayout.of(self.coordinator.record.projector_shapes, recipe.wire_dtype)
         try:
@@ -243,12 +250,14 @@ def _as_is(message: bytes) -> bytes:
 
 def add_coordinator_service(server: grpc.aio.Server, servicer: CoordinatorService) -> None:
     """Register the fedcmp.v1.Coordinator methods as the generated code does, except that the
-    methods in PRESERIALIZED answer with messages already serialized (the store's `EncodedGlobal`)."""
+    methods in PRESERIALIZED answer with messages already serialized (the store's `EncodedGlobal`)
+    and those in VIEWED read their requests with their own parser."""
     handlers = {}
     for method in pb.DESCRIPTOR.services_by_name["Coordinator"].methods:
         request, reply = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
         make = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
-        handlers[method.name] = make(getattr(servicer, method.name), request_deserializer=request.FromString,
+        handlers[method.name] = make(getattr(servicer, method.name),
+                                     request_deserializer=VIEWED.get(method.name, request.FromString),
                                      response_serializer=_as_is if method.name in PRESERIALIZED
                                      else reply.SerializeToString)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))

@@ -43,7 +43,7 @@ from fedcmp.common.codec import (SAFETENSORS_NAMES, BlobIntegrityError, BlobLayo
                                  write_atomic)
 from fedcmp.common.provenance import Backbones, ProjectorProvenance
 from fedcmp.common.recipe import Recipe
-from fedcmp.common.wire import coordinator_pb2 as pb
+from fedcmp.server.framing import blob_chunk_message
 from fedcmp.server.strategies import ClientUpdate
 
 log = logging.getLogger("fedcmp.server")
@@ -51,7 +51,6 @@ log = logging.getLogger("fedcmp.server")
 CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")  # \Z: "$" would let a trailing newline in
 UPLOAD_CHECKS = "sha256+layout+finite"  # what a published upload header says was verified on arrival
 T = TypeVar("T")
-BLOB_CHUNK_DATA_TAG = 1 << 3 | 2  # BlobChunk.data: field 1, wire type 2 (length-delimited)
 
 
 class StateError(RuntimeError):
@@ -112,26 +111,15 @@ class EncodedGlobal:
            sha256: str) -> EncodedGlobal:
         messages, spans, offset = [], [], 0
         for chunk in chunks:
-            data = _varint(BLOB_CHUNK_DATA_TAG) + _varint(len(chunk)) if len(chunk) else b""  # proto3 omits b""
-            rest = pb.BlobChunk(offset=offset, total_size=size, sha256=sha256).SerializeToString()
-            messages.append(b"".join((data, chunk, rest)))  # fields in any order: this parses as one BlobChunk
-            spans.append((len(data), len(data) + len(chunk)))
+            message, start = blob_chunk_message(chunk, offset, size, sha256)
+            messages.append(message)
+            spans.append((start, start + len(chunk)))
             offset += len(chunk)
         return cls(version, wire_dtype, tuple(messages), tuple(spans), size, sha256)
 
     @property
     def chunks(self) -> tuple[memoryview, ...]:
         return tuple(memoryview(message)[start:end] for message, (start, end) in zip(self.messages, self.spans))
-
-
-def _varint(value: int) -> bytes:
-    """`value` >= 0 as a protobuf base-128 varint."""
-    out = bytearray()
-    while True:
-        low, value = value & 0x7F, value >> 7
-        out.append(low | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 class SpilledUpdates(Sequence[ClientUpdate]):
