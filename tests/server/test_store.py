@@ -225,6 +225,16 @@ def test_a_global_is_encoded_once_per_version_and_wire_dtype(tmp_path) -> None:
         assert stored.metadata() == safetensors_metadata(blob)
 
 
+def test_a_global_is_mapped_for_aggregation_not_read(tmp_path, monkeypatch) -> None:
+    """Its pages stay page cache the kernel can drop, not a second projector of the server's memory."""
+    store = RunStore(tmp_path)
+    store.commit_initial_global(store.create("{}", "fedavg"), params(0.5))
+    monkeypatch.setattr(type(store.global_path(0)), "read_bytes", lambda path: pytest.fail(f"{path} was read"))
+    loaded = store.load_global(0)
+    assert torch.equal(loaded["linear_1.bias"], torch.full((4,), 0.5))
+    assert all(not tensor.untyped_storage().resizable() for tensor in loaded.values())  # views of the mapping
+
+
 @pytest.mark.parametrize("first_piece", [0, 1, 127, 128, 300, 70_000])
 def test_the_served_messages_are_the_blob_chunks_a_download_expects(first_piece: int) -> None:
     """Built by hand (a varint-framed data field, then the other fields), parsed by protobuf."""
