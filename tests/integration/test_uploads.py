@@ -30,6 +30,8 @@ from fedcmp.common.recipe import Recipe
 from fedcmp.common.wire import coordinator_pb2 as pb
 from fedcmp.common.wire import coordinator_pb2_grpc as pb_grpc
 from fedcmp.server.rounds import Coordinator, Phase
+from fedcmp.server import service
+from fedcmp.server.framing import parse_upload_message
 from fedcmp.server.service import STREAM_WINDOW_BYTES, build_server
 from fedcmp.server.store import RunStore
 from fedcmp.server.strategies import build_strategy
@@ -381,3 +383,21 @@ def test_the_server_fixes_each_streams_window_and_uploads_pass_through_the_small
     server.wait_committed(1)
     assert all(torch.allclose(server.store.load_global(1)[key], params[key]) for key in params)
     daemon.link.close()
+
+
+def test_upload_chunks_arrive_as_views_of_the_received_bytes(loopback, monkeypatch) -> None:
+    """The server reads UploadUpdate with its own parser: the header through protobuf, chunks in place."""
+    parsed = []
+
+    def parse(raw: bytes):
+        parsed.append(type(message := parse_upload_message(raw)))
+        return message
+
+    monkeypatch.setitem(service.VIEWED, "UploadUpdate", parse)
+    server = loopback()
+    token = server.register("a")
+    task = server.train_task("a", token)
+    blob = encode_params(shifted(server.global_params("a", token, task.global_version), 0.5))
+    ack = server.stub.UploadUpdate(upload_messages("a", token, task, blob, metrics={"steps": 2.0}))
+    assert ack.accepted, ack.reason
+    assert parsed == [pb.UploadMessage] + [memoryview] * -(-len(blob) // 64)

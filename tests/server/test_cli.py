@@ -8,6 +8,7 @@ import torch
 
 from fedcmp.common.constants import EXIT_USAGE
 from fedcmp.common.recipe import Recipe, RecipeError
+from fedcmp.server import cli
 from fedcmp.server.cli import main, open_run, parse_args
 from fedcmp.server.store import RunStore
 from fedcmp.server.strategies import available_strategies
@@ -83,3 +84,17 @@ def test_a_stream_window_out_of_range_is_a_usage_error(tmp_path, capsys, value, 
         parse_args(["--state-dir", str(tmp_path), "--stream-window-mib", value])
     assert exit_info.value.code == EXIT_USAGE and message in capsys.readouterr().err
     assert parse_args(["--state-dir", str(tmp_path), "--stream-window-mib", "0.5"]).stream_window_mib == 0.5
+
+
+def test_start_up_freezes_what_it_loaded_out_of_garbage_collection(tmp_path, monkeypatch) -> None:
+    """The modules and run state are out of every later collection (~8% of the server's CPU in perf)."""
+    events = []
+
+    async def serve(*args) -> int:
+        events.append("serve")
+        return 0
+
+    monkeypatch.setattr(cli, "serve", serve)
+    monkeypatch.setattr(cli.gc, "freeze", lambda: events.append("freeze"))
+    assert main(["--state-dir", str(tmp_path / "state"), "--port", "0"]) == 0
+    assert events == ["freeze", "serve"]
