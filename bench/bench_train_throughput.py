@@ -33,6 +33,7 @@ tokenization), the vision tower, fedcmp's cached forward and backward, the whole
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import tempfile
@@ -52,6 +53,8 @@ from fedcmp.client.trainer import LocalSession, batch_schedule
 from fedcmp.common.datagen import generate_federation
 from fedcmp.common.recipe import Recipe
 from fedcmp.common.zoo import ensure_micro_zoo
+
+from proc_sampler import live_descendants_cpu_s
 
 # LLaVA-1.5-7B: CLIP ViT-L/14-336 (1024 wide, 4096 MLP, 24 layers, 16 heads, 336 px, 14 px
 # patches) and Vicuna-7B (4096 wide, 11008 MLP, 32 layers, 32 heads, 32000 tokens); scaled down.
@@ -111,9 +114,11 @@ class PlainLlavaLoop:
 
 
 def cpu_seconds() -> float:
-    """CPU seconds of this process and of its finished children (the DataLoader's decoding workers)."""
+    """CPU seconds of this process and of its children, finished or alive (the DataLoader's
+    decoding workers, which the cache-off store keeps across rounds)."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    finished = own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+    return finished + live_descendants_cpu_s(os.getpid())
 
 
 def timed(run: Callable[[], None], device: torch.device) -> tuple[float, float]:

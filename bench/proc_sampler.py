@@ -81,6 +81,11 @@ def descendants(root: int) -> set[int]:
     return found
 
 
+def live_descendants_cpu_s(root: int) -> float:
+    """User + system CPU seconds so far of the live processes below `root` (not yet reaped)."""
+    return sum(stat[1] + stat[2] for pid in descendants(root) if (stat := _stat(pid)) is not None)
+
+
 class TreeSampler:
     """Samples the trees of `roots` (name -> root pid) every `interval_s` until `stop()`; a context manager."""
 

@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -137,24 +137,61 @@ class DiskFeatures:
         return (self[rows] for rows in index_batches)
 
 
+class PassRows:
+    """A batch sampler whose batches are replaced before each pass over a persistent DataLoader."""
+
+    def __init__(self) -> None:
+        self.row_batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.row_batches)
+
+    def __len__(self) -> int:
+        return len(self.row_batches)
+
+
 class LiveFeatures:
-    """The vision tower run on each batch of a source's rows (no cache); workers decode images ahead."""
+    """The vision tower run on each batch of a source's rows (no cache); workers decode images ahead.
+
+    With workers, one DataLoader keeps its worker processes for the store's life (a round's pass
+    does not pay for starting them); each `batches` call is a new pass over it and ends the
+    previous one, so reading an earlier call's iterator after a newer call is refused."""
 
     def __init__(self, model: ProjectorMLLM, source: Source, dtype: str, workers: int) -> None:
         self.model, self.source, self.dtype, self.workers = model, source, dtype, workers
+        self._pass_rows = PassRows()
+        self._loader: DataLoader | None = None  # made at the first pass with workers
+        self._passes = 0  # passes begun over the loader
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, index: Index) -> Tensor:
         rows = torch.arange(len(self))[index] if isinstance(index, slice) else index
-        return next(self._encode([rows], workers=0))
+        return next(self._features(pixel_batches(self.source, self.model.image_processor, [rows], workers=0)))
 
     def batches(self, index_batches: Sequence[Tensor]) -> Iterator[Tensor]:
-        return self._encode(index_batches, self.workers)
+        if self.workers == 0:
+            return self._features(pixel_batches(self.source, self.model.image_processor, index_batches, workers=0))
+        if self._loader is None:
+            self._loader = DataLoader(PixelDataset(self.source, self.model.image_processor),
+                                      batch_sampler=self._pass_rows, num_workers=self.workers,
+                                      collate_fn=_collate, persistent_workers=True)
+        self._pass_rows.row_batches = [list(map(int, rows)) for rows in index_batches]
+        self._passes += 1
+        return self._features(self._pass(iter(self._loader), self._passes))
 
-    def _encode(self, index_batches: Sequence[Tensor], workers: int) -> Iterator[Tensor]:
-        for rows, features, bad in encode_rows(self.model, self.source, index_batches, self.dtype, workers):
+    def _pass(self, pixels: Iterator[PixelBatch], this_pass: int) -> Iterator[PixelBatch]:
+        """The loader's batches while pass `this_pass` is the newest (checked before each is taken)."""
+        while this_pass == self._passes:
+            batch = next(pixels, None)
+            if batch is None:
+                return
+            yield batch
+        raise RuntimeError("a feature pass was read after a newer pass over the same store began")
+
+    def _features(self, pixels: Iterator[PixelBatch]) -> Iterator[Tensor]:
+        for _, features, bad in encode_pixels(self.model, pixels, self.dtype):
             if bad:
                 raise DataError(f"an image changed since the data was checked: {bad[0][1]}")
             yield features.float()
@@ -202,11 +239,11 @@ def pixel_batches(source: Source, image_processor: object, row_batches: Sequence
     return iter(loader)
 
 
-def encode_rows(model: ProjectorMLLM, source: Source, row_batches: Sequence[Tensor | list[int]], dtype: str,
-                workers: int) -> Iterator[tuple[list[int], Tensor, list[tuple[int, str]]]]:
-    """(good rows, their features [b, P, H] in `dtype` on CPU, bad rows with reasons) per batch of source rows."""
+def encode_pixels(model: ProjectorMLLM, pixels: Iterable[PixelBatch], dtype: str
+                  ) -> Iterator[tuple[list[int], Tensor, list[tuple[int, str]]]]:
+    """(good rows, their features [b, P, H] in `dtype` on CPU, bad rows with reasons) per pixel batch."""
     empty = torch.empty(0, model.num_image_tokens, model.vision_hidden, dtype=FEATURE_DTYPES[dtype])
-    for batch in pixel_batches(source, model.image_processor, row_batches, workers):
+    for batch in pixels:
         if batch.pixel_values is None:
             yield [], empty, batch.bad
             continue
@@ -309,7 +346,7 @@ def build_disk_cache(model: ProjectorMLLM, source: Source, rows: np.ndarray, dty
         if done:
             log.info("resuming an interrupted feature encode at %d of %d images", done, len(rows))
         row_batches = [todo[start : start + batch_size].tolist() for start in range(0, len(todo), batch_size)]
-        encoded = encode_rows(model, source, row_batches, dtype, workers)
+        encoded = encode_pixels(model, pixel_batches(source, model.image_processor, row_batches, workers), dtype)
         for row_batch, (good, features, bad_rows) in tqdm(zip(row_batches, encoded), total=len(row_batches),
                                                          desc="encoding images", unit="batch",
                                                          disable=None if show_progress else True):

@@ -127,6 +127,35 @@ def test_live_tower_with_worker_processes(model_for, llava_folder, tmp_path: Pat
     assert not (tmp_path / "c").exists()  # no cache written
 
 
+def test_live_tower_keeps_its_workers_across_passes(model_for, llava_folder, tmp_path: Path) -> None:
+    # A round is a pass; starting the decoding processes once per store, not once per round.
+    data = llava_folder(8)
+    model, recipe = model_for(feature_cache="off")
+    split = open_features(model, recipe, scan_data(data), DataOptions(feature_cache_dir=tmp_path / "c", workers=2))
+    live = split.features.base  # the LiveFeatures behind the view of usable rows
+    first_pass = [torch.tensor([5, 1]), torch.tensor([0, 7, 3])]
+    assert all(torch.equal(batch.features, split.features[rows])
+               for rows, batch in zip(first_pass, split.batches(first_pass)))
+    workers = {worker.pid for worker in live._loader._iterator._workers}
+    second_pass = [torch.tensor([2, 6]), torch.tensor([4])]
+    assert all(torch.equal(batch.features, split.features[rows])
+               for rows, batch in zip(second_pass, split.batches(second_pass)))
+    assert {worker.pid for worker in live._loader._iterator._workers} == workers
+
+
+def test_a_superseded_live_pass_is_refused_not_fed_the_newer_rows(model_for, llava_folder, tmp_path: Path) -> None:
+    data = llava_folder(8)
+    model, recipe = model_for(feature_cache="off")
+    split = open_features(model, recipe, scan_data(data), DataOptions(feature_cache_dir=tmp_path / "c", workers=2))
+    older = split.features.batches([torch.tensor([0]), torch.tensor([1])])
+    next(older)
+    newer_rows = [torch.tensor([6, 2]), torch.tensor([3])]
+    newer = split.features.batches(newer_rows)
+    with pytest.raises(RuntimeError, match="newer pass"):
+        next(older)
+    assert all(torch.equal(features, split.features[rows]) for rows, features in zip(newer_rows, newer))
+
+
 @pytest.mark.parametrize("change", ["tower weights", "feature layer", "select strategy", "image content"])
 def test_cache_is_invalidated(change: str, model_for, llava_folder, tmp_path: Path, backbones) -> None:
     data = llava_folder(6)
