@@ -26,7 +26,7 @@ from torch import Tensor
 
 from fedcmp.client.heartbeat import Heartbeat
 from fedcmp.client.progress import TrainingProgress
-from fedcmp.common.codec import decode_projector, encode_projector, iter_chunks, receive_blob, sha256_hex
+from fedcmp.common.codec import decode_projector, joined_chunks, parts_digest, projector_parts, receive_blob
 from fedcmp.common.constants import (MAX_MESSAGE_BYTES, PROTOCOL_VERSION, RECONNECT_BASE_S, RECONNECT_BUDGET_S,
                                      RECONNECT_MAX_S)
 from fedcmp.common.provenance import Backbones, ProjectorProvenance
@@ -240,17 +240,17 @@ class ClientDaemon:
         model = self.session.model
         provenance = ProjectorProvenance.of(self.session.recipe, self.backbones, model.vision_hidden, model.text_hidden,
                                             task.round)
-        blob = encode_projector(params, self.session.recipe.wire_dtype, provenance.to_metadata())
-        digest = sha256_hex(blob)
+        parts = projector_parts(params, self.session.recipe.wire_dtype, provenance.to_metadata())  # views, no blob
+        size, digest = parts_digest(parts)
         samples = int(metrics.get("samples", self.session.num_train_samples))
 
         def messages() -> Iterator[pb.UploadMessage]:
             yield pb.UploadMessage(header=pb.UploadHeader(
                 client_id=self.client_id, session_token=self.token, round=task.round,
-                global_version=task.global_version, num_samples=samples, metrics=metrics, size=len(blob),
+                global_version=task.global_version, num_samples=samples, metrics=metrics, size=size,
                 sha256=digest))
-            for chunk in iter_chunks(blob):
-                yield pb.UploadMessage(chunk=bytes(chunk))
+            for chunk in joined_chunks(parts):
+                yield pb.UploadMessage(chunk=chunk)
 
         ack = self.link.call(f"UploadUpdate round {task.round}",
                              lambda: self.link.stub.UploadUpdate(messages(), metadata=self._metadata()),
@@ -258,7 +258,7 @@ class ClientDaemon:
         if ack.accepted:
             self.progress.uploaded()
             log.info("round %d: upload %s (%d bytes)", task.round, "already there" if ack.duplicate else "accepted",
-                     len(blob))
+                     size)
         else:  # a refusal is for what the upload holds: sending it again cannot help
             self.refusals.refused(task)
             log.warning("round %d: upload refused: %s", task.round, ack.reason)

@@ -59,15 +59,26 @@ def decode_params(blob: bytes | bytearray) -> dict[str, Tensor]:
         raise BlobIntegrityError(f"not a valid safetensors blob ({len(blob)} bytes): {error}") from error
 
 
-def encode_projector(params: Mapping[str, Tensor], wire_dtype: str, metadata: dict[str, str] | None = None) -> bytes:
-    """A projector's tensors cast to `wire_dtype`, as safetensors bytes (the `BlobLayout` layout)."""
+def projector_parts(params: Mapping[str, Tensor], wire_dtype: str,
+                    metadata: dict[str, str] | None = None) -> list[bytes | memoryview]:
+    """A projector's tensors cast to `wire_dtype`, as the pieces of a safetensors blob (the `BlobLayout`
+    layout): its header, then each tensor's bytes as a view of its storage (no copy for float32)."""
     dtype = wire_torch_dtype(wire_dtype)
-    return encode_params({key: value.detach().to(dtype) for key, value in params.items()}, metadata)
+    return safetensors_parts({key: value.detach().to(dtype) for key, value in params.items()}, metadata)
+
+
+def encode_projector(params: Mapping[str, Tensor], wire_dtype: str, metadata: dict[str, str] | None = None) -> bytes:
+    """`projector_parts` joined into one blob."""
+    return b"".join(projector_parts(params, wire_dtype, metadata))
 
 
 def decode_projector(blob: bytes | bytearray) -> dict[str, Tensor]:
-    """A projector blob in any wire dtype, decoded to float32 tensors (exact for bfloat16 values)."""
-    return {key: value.float() for key, value in decode_params(blob).items()}
+    """A projector blob in any wire dtype, decoded to float32 tensors (exact for bfloat16 values).
+
+    float32 tensors of a `bytearray` are views of it (no copy: the caller hands the blob over);
+    `bytes`, being immutable, are copied once."""
+    buffer = blob if isinstance(blob, bytearray) else bytearray(blob)
+    return projector_views(buffer, f"a projector blob of {len(buffer)} bytes")
 
 
 def through_wire(params: Mapping[str, Tensor], wire_dtype: str) -> dict[str, Tensor]:
@@ -291,11 +302,7 @@ def file_chunks(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
 
 def file_digest(path: Path) -> tuple[int, str]:
     """A file's size and sha256, read a chunk at a time."""
-    digest, size = hashlib.sha256(), 0
-    for chunk in file_chunks(path):
-        digest.update(chunk)
-        size += len(chunk)
-    return size, digest.hexdigest()
+    return parts_digest(file_chunks(path))
 
 
 def safetensors_dtypes(first_bytes: bytes) -> set[str] | None:
@@ -322,6 +329,35 @@ def iter_chunks(blob: bytes | memoryview, chunk_bytes: int = CHUNK_BYTES) -> Ite
         return
     for offset in range(0, len(view), chunk_bytes):
         yield view[offset : offset + chunk_bytes]
+
+
+def joined_chunks(parts: Iterable[bytes | memoryview], chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """Consecutive `chunk_bytes` pieces of the concatenation of `parts`, each its own bytes (every
+    byte copied once, as a message needs; an empty concatenation: one empty piece)."""
+    if chunk_bytes <= 0:
+        raise ValueError(f"chunk size must be positive, got {chunk_bytes}")
+    pending: list[memoryview] = []  # slices of the chunk being filled
+    filled, any_yielded = 0, False
+    for part in parts:
+        view = memoryview(part).cast("B")
+        while len(view):
+            take = min(chunk_bytes - filled, len(view))
+            pending.append(view[:take])
+            filled, view = filled + take, view[take:]
+            if filled == chunk_bytes:
+                yield b"".join(pending)
+                pending, filled, any_yielded = [], 0, True
+    if pending or not any_yielded:
+        yield b"".join(pending)
+
+
+def parts_digest(parts: Iterable[bytes | memoryview]) -> tuple[int, str]:
+    """The size and sha256 of the concatenation of `parts`, without joining them."""
+    digest, size = hashlib.sha256(), 0
+    for part in parts:
+        digest.update(part)
+        size += memoryview(part).nbytes
+    return size, digest.hexdigest()
 
 
 class BlobReceiver:
@@ -391,12 +427,19 @@ def fsync_dir(directory: Path) -> None:
 
 
 def save_params_file(path: Path, params: Mapping[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    """`params` as a safetensors file, written atomically straight from the tensors' storage.
+    """`params` as a safetensors file, written atomically straight from the tensors' storage
+    (no whole-file buffer: `encode_params` holds the blob and safetensors a copy of every tensor
+    besides)."""
+    write_atomic(path, *safetensors_parts(params, metadata))
 
-    No whole-file buffer (`encode_params` holds the blob and safetensors a copy of every tensor
-    besides): the header, then each tensor's bytes. Tensors lie by element size, largest first,
-    then by key, so every tensor is aligned; metadata keys are sorted, so equal inputs give
-    equal bytes. A float32 projector is thus laid out as `BlobLayout` says, metadata aside.
+
+def safetensors_parts(params: Mapping[str, Tensor], metadata: dict[str, str] | None = None) -> list[bytes | memoryview]:
+    """`params` as the pieces of a safetensors blob: the header, then each tensor's bytes, a view
+    of its storage (copied only when not contiguous on the CPU).
+
+    Tensors lie by element size, largest first, then by key, so every tensor is aligned; metadata
+    keys are sorted, so equal inputs give equal bytes. A projector in one dtype is thus laid out
+    as `BlobLayout` says, metadata aside.
     """
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in params.items()}
     order = sorted(tensors, key=lambda key: (-tensors[key].element_size(), key))
@@ -409,8 +452,8 @@ def save_params_file(path: Path, params: Mapping[str, Tensor], metadata: dict[st
         offset = end
     text = json.dumps(entries, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
-    write_atomic(path, struct.pack("<Q", len(text)) + text,
-                 *(memoryview(tensors[key].reshape(-1).view(torch.uint8).numpy()) for key in order))
+    return [struct.pack("<Q", len(text)) + text,
+            *(memoryview(tensors[key].reshape(-1).view(torch.uint8).numpy()) for key in order)]
 
 
 def _safetensors_dtype(key: str, dtype: torch.dtype) -> str:
@@ -447,19 +490,34 @@ def map_projector_file(path: Path) -> dict[str, Tensor]:
             mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
     except (OSError, ValueError) as error:
         raise BlobIntegrityError(f"cannot map {path}: {error}") from error
+    return projector_views(mapping, str(path))
+
+
+def projector_views(buffer: bytearray | mmap.mmap, what: str) -> dict[str, Tensor]:
+    """The tensors of a projector blob in a writable buffer, as float32: views of the buffer for
+    float32 tensors, one widened copy each otherwise. Raises BlobIntegrityError, naming `what`,
+    unless the header is safetensors of wire-dtype tensors whose spans lie in the buffer."""
+    names = {name: wire_dtype for wire_dtype, name in SAFETENSORS_NAMES.items()}
     try:
-        (length,) = struct.unpack("<Q", mapping[:HEADER_LENGTH_BYTES])
-        entries = json.loads(mapping[HEADER_LENGTH_BYTES : HEADER_LENGTH_BYTES + length])
-        names = {name: dtype for dtype, name in ((d, SAFETENSORS_NAMES[d]) for d in SAFETENSORS_NAMES)}
+        (length,) = struct.unpack("<Q", buffer[:HEADER_LENGTH_BYTES])
         start = HEADER_LENGTH_BYTES + length
+        if start > len(buffer):
+            raise ValueError(f"its header claims {length} bytes, more than the blob holds")
+        entries = json.loads(buffer[HEADER_LENGTH_BYTES:start])
         params = {}
         for key, entry in entries.items():
             if key == "__metadata__":
                 continue
             begin, end = entry["data_offsets"]
+            if entry["dtype"] not in names:
+                raise ValueError(f"tensor {key} is {entry['dtype']}, not a wire dtype ({', '.join(names)})")
             dtype = WIRE_DTYPES[names[entry["dtype"]]]
-            flat = torch.frombuffer(mapping, dtype=dtype, count=(end - begin) // dtype.itemsize, offset=start + begin)
-            params[key] = flat.view(entry["shape"]).float()  # no copy when already float32
+            shape = [int(size) for size in entry["shape"]]
+            if not 0 <= begin <= end <= len(buffer) - start or end - begin != _numel(shape) * dtype.itemsize:
+                raise ValueError(f"tensor {key}'s data offsets [{begin}, {end}) do not hold its shape {shape}")
+            flat = (torch.frombuffer(buffer, dtype=dtype, count=_numel(shape), offset=start + begin) if end > begin
+                    else torch.empty(0, dtype=dtype))  # frombuffer refuses an empty span
+            params[key] = flat.view(shape).float()  # no copy when already float32
         return params
-    except (ValueError, KeyError, TypeError, struct.error) as error:
-        raise BlobIntegrityError(f"{path} is not a projector file this server wrote: {error}") from error
+    except (ValueError, KeyError, TypeError, AttributeError, struct.error) as error:
+        raise BlobIntegrityError(f"{what} is not a projector blob: {error}") from error

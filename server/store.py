@@ -38,8 +38,8 @@ from typing import Any, BinaryIO, TypeVar, overload
 from torch import Tensor
 
 from fedcmp.common.codec import (SAFETENSORS_NAMES, BlobIntegrityError, BlobLayout, BlobReceiver, ProjectorStreamCheck,
-                                 encode_projector, fsync_dir, iter_chunks, load_params_file, load_params_metadata,
-                                 map_projector_file, file_chunks, file_digest, safetensors_dtypes, save_params_file, sha256_hex,
+                                 file_chunks, file_digest, fsync_dir, joined_chunks, load_params_file, load_params_metadata,
+                                 map_projector_file, parts_digest, projector_parts, safetensors_dtypes, save_params_file,
                                  write_atomic)
 from fedcmp.common.provenance import Backbones, ProjectorProvenance
 from fedcmp.common.recipe import Recipe
@@ -268,8 +268,9 @@ class RunStore:
         if wire_dtype == "float32" and safetensors_dtypes(next(file_chunks(path))) == {SAFETENSORS_NAMES["float32"]}:
             size, sha256 = file_digest(path)  # first: every message carries them; then one piece at a time
             return EncodedGlobal.of(version, wire_dtype, file_chunks(path), size, sha256)
-        blob = encode_projector(self.load_global(version), wire_dtype, load_params_metadata(path))
-        return EncodedGlobal.of(version, wire_dtype, iter_chunks(blob), len(blob), sha256_hex(blob))
+        parts = projector_parts(self.load_global(version), wire_dtype, load_params_metadata(path))
+        size, digest = parts_digest(parts)
+        return EncodedGlobal.of(version, wire_dtype, joined_chunks(parts), size, digest)
 
     def load_strategy_state(self, round_index: int) -> dict[str, Tensor]:
         """The strategy state committed with round `round_index` (>= 1; before it there is none)."""

@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import errno
+import json
 import re
+import struct
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import load_file as safetensors_load_file
 
 from fedcmp.common.codec import (MAX_METADATA_BYTES, WIRE_DTYPES, BlobIntegrityError, BlobLayout, BlobReceiver, ProjectorStreamCheck,
                                  decode_params, decode_projector, encode_params, encode_projector, iter_chunks,
-                                 load_params_file, map_projector_file, receive_blob, save_params_file, sha256_hex,
-                                 through_wire)
+                                 joined_chunks, load_params_file, map_projector_file, parts_digest, projector_parts,
+                                 receive_blob, save_params_file, sha256_hex, through_wire)
 
 
 def projector(seed: int = 0) -> dict[str, torch.Tensor]:
@@ -207,7 +211,7 @@ def test_a_mapped_projector_file_reads_as_float32(tmp_path, wire_dtype: str) -> 
     path = tmp_path / "upload.safetensors"
     path.write_bytes(encode_projector(projector(), wire_dtype))
     mapped = map_projector_file(path)
-    expected = decode_projector(path.read_bytes())
+    expected = {key: value.float() for key, value in safetensors_load_file(path).items()}
     assert mapped.keys() == expected.keys()
     assert all(mapped[key].dtype == torch.float32 and torch.equal(mapped[key], expected[key]) for key in expected)
     if wire_dtype == "float32":  # views of one mapping, at the file's offsets: nothing was copied
@@ -216,3 +220,60 @@ def test_a_mapped_projector_file_reads_as_float32(tmp_path, wire_dtype: str) -> 
         assert all(mapped[key].data_ptr() - base == spans[key] for key in spans)
     with pytest.raises(BlobIntegrityError, match="cannot map"):
         map_projector_file(tmp_path / "absent.safetensors")
+
+
+@pytest.mark.parametrize("wire_dtype", list(WIRE_DTYPES))
+def test_projector_parts_are_the_safetensors_blob_without_copying_the_tensors(wire_dtype: str) -> None:
+    params = projector()
+    parts = projector_parts(params, wire_dtype, metadata={"fedcmp.round": "3"})
+    blob = b"".join(parts)
+    (length,) = struct.unpack("<Q", blob[:8])
+    assert json.loads(blob[8 : 8 + length])["__metadata__"] == {"fedcmp.round": "3"}
+    decoded = safetensors_load(blob)
+    assert all(torch.equal(decoded[key].float(), through_wire(params, wire_dtype)[key]) for key in params)
+    assert parts_digest(parts) == (len(blob), sha256_hex(blob))
+    if wire_dtype == "float32":  # each tensor's part is its own storage
+        addresses = {np.frombuffer(part, dtype=np.uint8).ctypes.data for part in parts[1:]}
+        assert addresses == {value.data_ptr() for value in params.values()}
+
+
+@pytest.mark.parametrize("wire_dtype", list(WIRE_DTYPES))
+def test_a_received_projector_decodes_as_safetensors_reads_it_into_views_of_the_buffer(wire_dtype: str) -> None:
+    blob = encode_projector(projector(), wire_dtype, metadata={"fedcmp.round": "3"})
+    received = bytearray(blob)
+    decoded = decode_projector(received)
+    expected = {key: value.float() for key, value in safetensors_load(blob).items()}
+    assert decoded.keys() == expected.keys()
+    assert all(decoded[key].dtype == torch.float32 and torch.equal(decoded[key], expected[key]) for key in expected)
+    start = torch.frombuffer(received, dtype=torch.uint8).data_ptr()
+    inside = [start <= value.data_ptr() < start + len(received) for value in decoded.values()]
+    assert all(inside) if wire_dtype == "float32" else not any(inside)  # bfloat16 is widened into new tensors
+
+
+def _with_header(entries: dict, data: bytes) -> bytearray:
+    text = json.dumps(entries).encode()
+    return bytearray(struct.pack("<Q", len(text)) + text + data)
+
+
+@pytest.mark.parametrize("blob, reason", [
+    (bytearray(b"\xff" * 8 + b"{}"), "more than the blob holds"),
+    (bytearray(b"\x02\x00\x00\x00\x00\x00\x00\x00[]"), "not a projector blob"),
+    (_with_header({"w": {"dtype": "F16", "shape": [2], "data_offsets": [0, 4]}}, bytes(4)), "w is F16, not a wire dtype"),
+    (_with_header({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(4)), r"offsets \[0, 8\)"),
+    (_with_header({"w": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8)), "do not hold its shape"),
+    (_with_header({"w": {"dtype": "F32", "shape": [2]}}, bytes(8)), "data_offsets"),
+])
+def test_a_malformed_projector_blob_is_refused_with_a_reason(blob: bytearray, reason: str) -> None:
+    with pytest.raises(BlobIntegrityError, match=reason):
+        decode_projector(blob)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3, 5, 1024])
+def test_joined_chunks_cut_the_concatenation_of_parts_at_every_chunk_size(chunk_bytes: int) -> None:
+    parts = [b"abc", memoryview(b""), memoryview(bytearray(b"defgh")), b"ijklmnop"]
+    chunks = list(joined_chunks(parts, chunk_bytes))
+    assert b"".join(chunks) == b"abcdefghijklmnop"
+    assert all(len(chunk) == chunk_bytes for chunk in chunks[:-1]) and 0 < len(chunks[-1]) <= chunk_bytes
+    assert list(joined_chunks([b"", memoryview(b"")], chunk_bytes)) == [b""]
+    with pytest.raises(ValueError, match="positive"):
+        next(joined_chunks(parts, 0))
