@@ -29,6 +29,7 @@ from fedcmp.client.progress import TrainingProgress
 from fedcmp.common.codec import decode_projector, joined_chunks, parts_digest, projector_parts, receive_blob
 from fedcmp.common.constants import (MAX_MESSAGE_BYTES, PROTOCOL_VERSION, RECONNECT_BASE_S, RECONNECT_BUDGET_S,
                                      RECONNECT_MAX_S)
+from fedcmp.common.framing import parse_blob_chunk
 from fedcmp.common.provenance import Backbones, ProjectorProvenance
 from fedcmp.common.recipe import Recipe
 from fedcmp.common.wire import coordinator_pb2 as pb
@@ -39,6 +40,7 @@ log = logging.getLogger("fedcmp.client")
 T = TypeVar("T")
 RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
 POLL_DEADLINE_S = 60.0
+DOWNLOAD_METHOD = f"/{pb.DESCRIPTOR.services_by_name['Coordinator'].full_name}/DownloadProjector"
 
 
 class RegistrationRefused(RuntimeError):
@@ -69,6 +71,10 @@ class CoordinatorLink:
         else:
             self.channel = grpc.insecure_channel(settings.target, options=options)
         self.stub = pb_grpc.CoordinatorStub(self.channel)
+        # DownloadProjector read by hand: each reply is (a view of the chunk's bytes, the rest of the BlobChunk)
+        self.download_chunks = self.channel.unary_stream(
+            DOWNLOAD_METHOD, request_serializer=pb.DownloadRequest.SerializeToString,
+            response_deserializer=parse_blob_chunk)
 
     def call(self, what: str, attempt: Callable[[], T], on_lost_session: Callable[[], None] | None = None) -> T:
         """Run `attempt` until it succeeds, backing off while the coordinator is unreachable."""
@@ -210,11 +216,11 @@ class ClientDaemon:
             return self._global[1]
 
         def attempt() -> bytearray:
-            stream = self.link.stub.DownloadProjector(
+            stream = self.link.download_chunks(
                 pb.DownloadRequest(client_id=self.client_id, session_token=self.token, global_version=version),
                 metadata=self._metadata())
-            first = next(stream)
-            chunks = (chunk.data for chunk in _prepend(first, stream))
+            first_data, first = next(stream)
+            chunks = (data for data, _ in _prepend((first_data, first), stream))
             return receive_blob(chunks, first.total_size, first.sha256)
 
         params = decode_projector(self.link.call(f"DownloadProjector v{version}", attempt,

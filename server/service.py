@@ -25,7 +25,7 @@ from fedcmp.common.constants import MAX_MESSAGE_BYTES, PROTOCOL_VERSION
 from fedcmp.common.provenance import Backbones
 from fedcmp.common.wire import coordinator_pb2 as pb
 from fedcmp.common.wire import coordinator_pb2_grpc as pb_grpc
-from fedcmp.server.framing import parse_upload_message
+from fedcmp.common.framing import parse_upload_message
 from fedcmp.server.liveness import ClientRecord, Progress
 from fedcmp.server.rounds import Coordinator, SessionError, TaskSpec, capped
 from fedcmp.server.security import BearerTokenInterceptor, bearer_token, token_owner

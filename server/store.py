@@ -43,7 +43,7 @@ from fedcmp.common.codec import (SAFETENSORS_NAMES, BlobIntegrityError, BlobLayo
                                  write_atomic)
 from fedcmp.common.provenance import Backbones, ProjectorProvenance
 from fedcmp.common.recipe import Recipe
-from fedcmp.server.framing import blob_chunk_message
+from fedcmp.common.framing import blob_chunk_message
 from fedcmp.server.strategies import ClientUpdate
 
 log = logging.getLogger("fedcmp.server")

@@ -31,7 +31,7 @@ from fedcmp.common.wire import coordinator_pb2 as pb
 from fedcmp.common.wire import coordinator_pb2_grpc as pb_grpc
 from fedcmp.server.rounds import Coordinator, Phase
 from fedcmp.server import service
-from fedcmp.server.framing import parse_upload_message
+from fedcmp.common.framing import parse_upload_message
 from fedcmp.server.service import STREAM_WINDOW_BYTES, build_server
 from fedcmp.server.store import RunStore
 from fedcmp.server.strategies import build_strategy

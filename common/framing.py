@@ -2,8 +2,10 @@
 
 - `blob_chunk_message`: a fedcmp.v1.BlobChunk serialized from a piece of the global, framed once
   per global version and sent to every client as it is (the service's PRESERIALIZED methods).
-- `parse_upload_message`: an UploadMessage off the wire; a chunk comes back as a view of the
-  received bytes instead of being parsed into a message and copied out of it.
+- `parse_upload_message`: an UploadMessage off the wire (the server's reader); a chunk comes back
+  as a view of the received bytes instead of being parsed into a message and copied out of it.
+- `parse_blob_chunk`: a BlobChunk off the wire (the client's reader of a download), its data a
+  view of the received bytes in the same way.
 
 Both follow the protobuf wire format: a field is a varint tag (field number << 3 | wire type),
 then for bytes a varint length and the bytes; fields may come in any order, so a data field
@@ -56,3 +58,19 @@ def parse_upload_message(raw: bytes) -> pb.UploadMessage | memoryview:
         if length >= 0 and start + length == len(raw):
             return memoryview(raw)[start:]
     return pb.UploadMessage.FromString(raw)
+
+
+def parse_blob_chunk(raw: bytes) -> tuple[memoryview, pb.BlobChunk]:
+    """A BlobChunk as (its data, the message without it): the data, framed first as
+    `blob_chunk_message` frames it, is a view of `raw` (no copy); any other framing is parsed by
+    protobuf (which also names what is malformed) and its data viewed there."""
+    if raw[:1] == bytes((BLOB_CHUNK_DATA_TAG,)):
+        length, start = varint_at(raw, 1)
+        if length >= 0 and start + length <= len(raw):
+            rest = pb.BlobChunk.FromString(raw[start + length:])  # offset, size, digest: a few bytes
+            if not rest.data:  # a second data field would replace the first (the last one wins)
+                return memoryview(raw)[start:start + length], rest
+    message = pb.BlobChunk.FromString(raw)
+    data = memoryview(message.data)
+    message.ClearField("data")
+    return data, message

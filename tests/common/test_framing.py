@@ -1,11 +1,11 @@
-"""Protobuf framing by hand: varints, BlobChunks framed once, upload chunks read as views."""
+"""Protobuf framing by hand: varints, BlobChunks framed once and read as views, upload chunks read as views."""
 from __future__ import annotations
 
 import pytest
 from google.protobuf.message import DecodeError
 
 from fedcmp.common.wire import coordinator_pb2 as pb
-from fedcmp.server.framing import blob_chunk_message, parse_upload_message, varint, varint_at
+from fedcmp.common.framing import blob_chunk_message, parse_blob_chunk, parse_upload_message, varint, varint_at
 
 
 @pytest.mark.parametrize("value", [1, 127, 128, 300, 2**21, 2**63 - 1])
@@ -54,3 +54,29 @@ def test_a_framed_blob_chunk_parses_as_the_message(size: int) -> None:
 
 def test_zero_is_one_byte() -> None:
     assert varint(0) == b"\x00" and varint_at(b"\x00", 0) == (0, 1)
+
+
+@pytest.mark.parametrize("size", [1, 127, 128, 70_000])
+def test_a_downloaded_chunk_is_a_view_of_the_received_bytes(size: int) -> None:
+    piece = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    raw, _ = blob_chunk_message(piece, 40, 99, "ab" * 32)
+    data, rest = parse_blob_chunk(raw)
+    assert data.obj is raw and bytes(data) == piece
+    assert rest == pb.BlobChunk(offset=40, total_size=99, sha256="ab" * 32)
+
+
+@pytest.mark.parametrize("message", [
+    pb.BlobChunk(offset=3, total_size=9, sha256="cd", data=b"xyz").SerializeToString(),  # protobuf's field order
+    pb.BlobChunk(total_size=9).SerializeToString(),  # no data (an empty blob)
+    pb.BlobChunk(data=b"old").SerializeToString() + pb.BlobChunk(data=b"xyz", total_size=9).SerializeToString(),
+])
+def test_other_framings_read_as_protobuf_reads_them(message: bytes) -> None:
+    data, rest = parse_blob_chunk(message)
+    parsed = pb.BlobChunk.FromString(message)
+    assert bytes(data) == parsed.data and rest.total_size == parsed.total_size and not rest.data
+
+
+def test_a_blob_chunk_shorter_than_its_length_is_refused_by_protobuf() -> None:
+    raw, _ = blob_chunk_message(b"abcdef", 0, 6, "ef")
+    with pytest.raises(DecodeError):
+        parse_blob_chunk(raw[:4])
