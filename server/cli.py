@@ -12,8 +12,13 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
-import torch
+# Before torch loads libgomp: its threads then sleep as soon as a parallel region ends instead of
+# spinning, waiting for the next. Between network waits the coordinator runs many short tensor
+# ops; spinning after each was 40% of its CPU (docs/decisions.md). An operator's setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import grpc  # noqa: E402 (after the environment above)
+import torch  # noqa: E402
 from grpc_health.v1 import health, health_pb2
 
 from fedcmp.common.allocator import limit_arenas

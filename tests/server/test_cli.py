@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -98,3 +101,28 @@ def test_start_up_freezes_what_it_loaded_out_of_garbage_collection(tmp_path, mon
     monkeypatch.setattr(cli.gc, "freeze", lambda: events.append("freeze"))
     assert main(["--state-dir", str(tmp_path / "state"), "--port", "0"]) == 0
     assert events == ["freeze", "serve"]
+
+
+# What a fresh `fedcmp-server` process sees when torch is first imported (libgomp reads its
+# environment then, once): the module under test is imported with a hook on `import torch`.
+_POLICY_AT_TORCH_IMPORT = """
+import builtins, os, sys
+real_import, seen = builtins.__import__, []
+def hook(name, *args, **kwargs):
+    if name.split(".")[0] == "torch" and "torch" not in sys.modules and not seen:
+        seen.append(os.environ.get("OMP_WAIT_POLICY"))
+    return real_import(name, *args, **kwargs)
+builtins.__import__ = hook
+import fedcmp.server.cli
+print(seen[0])
+"""
+
+
+@pytest.mark.parametrize("operator_setting, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_sleep_between_regions_unless_the_operator_says_otherwise(operator_setting, expected) -> None:
+    env = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
+    if operator_setting is not None:
+        env["OMP_WAIT_POLICY"] = operator_setting
+    result = subprocess.run([sys.executable, "-c", _POLICY_AT_TORCH_IMPORT], env=env, capture_output=True, text=True,
+                            timeout=120, check=True)
+    assert result.stdout.strip() == expected
