@@ -1,7 +1,9 @@
 """One logical client on several processes: torchrun ranks sharing each step, a DDP projector.
 
 `torchrun --nproc-per-node N [--nnodes M --node-rank I --master-addr HOST --master-port P]
--m fedcmp.client ...` starts N (x M) ranks of one client (docs/training.md: the multi-node command). Rank 0 is the client the coordinator sees: it fetches the recipe,
+-m fedcmp.client ...` starts N (x M) ranks of one client; across nodes torchrun's elastic c10d
+rendezvous works too (docs/training.md: both multi-node commands, and which nodes must reach the
+coordinator). Rank 0 is the client the coordinator sees: it fetches the recipe,
 registers, polls, downloads, evaluates and uploads. The other ranks follow rank 0's commands,
 sent over a control channel (a gloo group whose timeout outlasts any wait between rounds):
 

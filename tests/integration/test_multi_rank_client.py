@@ -1,8 +1,9 @@
 """`torchrun --nproc-per-node 2 -m fedcmp.client` is one client: rank 0 talks to the coordinator,
 both ranks train, and the upload is the update one process makes with the same effective batch.
-The same holds across two torchrun "nodes" (two agents on 127.0.0.1, static rendezvous), where
-the other node's `--server` is never contacted. When rank 0 fails between rounds (here: no
-coordinator), it tells the other ranks to stop."""
+The same holds across two torchrun "nodes" (two agents on 127.0.0.1): with a static rendezvous,
+where the other node's `--server` is never contacted, and with an elastic (c10d) one, where either
+node may get rank 0 and both are handed the coordinator. When rank 0 fails between rounds (here:
+no coordinator), it tells the other ranks to stop."""
 from __future__ import annotations
 
 import socket
@@ -28,12 +29,18 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _torchrun_client(nproc: int, nnodes: int = 1, node_rank: int = 0, port: int | None = None) -> list[str]:
-    """torchrun with a static rendezvous on 127.0.0.1 (node `node_rank` of `nnodes`), around
-    `python -m fedcmp.client`. Static: node 0 hosts rank 0, the one that talks to the coordinator."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--node-rank", str(node_rank),
-            "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1", "--master-port", str(port or _free_port()),
-            "-m", "fedcmp.client"]
+def _torchrun_client(nproc: int, nnodes: int = 1, node_rank: int = 0, port: int | None = None,
+                     rdzv_id: str | None = None) -> list[str]:
+    """torchrun on 127.0.0.1 (node `node_rank` of `nnodes`) around `python -m fedcmp.client`.
+    Static rendezvous (no `rdzv_id`, at --master-addr/--master-port): node 0 hosts rank 0, the one
+    that talks to the coordinator. Elastic c10d rendezvous (`rdzv_id`, the store at 127.0.0.1:`port`):
+    `node_rank` does not apply; the agents are ranked by (--local-addr, pid), so any node may get rank 0."""
+    port = port or _free_port()
+    rendezvous = (["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", rdzv_id,
+                   "--local-addr", "127.0.0.1"] if rdzv_id is not None else
+                  ["--node-rank", str(node_rank), "--master-addr", "127.0.0.1", "--master-port", str(port)])
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nnodes), "--nproc-per-node", str(nproc),
+            *rendezvous, "-m", "fedcmp.client"]
 
 
 def _sgd_recipe(tmp_path: Path) -> Path:
@@ -71,10 +78,24 @@ def test_client_on_two_nodes_uploads_the_one_process_update(processes, two_clien
     _check_one_process_update(processes, two_client_data, tmp_path, micro_zoo, nodes)
 
 
+def test_client_on_two_nodes_with_elastic_rendezvous_uploads_the_one_process_update(
+        processes, two_client_data: Path, tmp_path: Path, micro_zoo) -> None:
+    # Two torchrun agents, one rank each, meeting at a c10d rendezvous on 127.0.0.1. Both infer that they
+    # host its store (the endpoint is a loopback address); the second one's bind fails and torch retries
+    # it as a client of the first. Either node may get rank 0, so both are handed the coordinator.
+    port = _free_port()
+
+    def nodes(address: str, flags: list[str]) -> list[list[str]]:
+        return [[*_torchrun_client(1, nnodes=2, port=port, rdzv_id="fedcmp-two-nodes"), "--server", address, *flags]
+                for _ in (0, 1)]
+
+    _check_one_process_update(processes, two_client_data, tmp_path, micro_zoo, nodes)
+
+
 def _check_one_process_update(processes, two_client_data: Path, tmp_path: Path, micro_zoo,
                               commands: Callable[[str, list[str]], list[list[str]]]) -> None:
     """Start the processes `commands(coordinator address, client flags)` lists against a coordinator of
-    the SGD recipe; each must exit 0 and the committed global be one process's update."""
+    the SGD recipe; each must exit 0, one client register, and the committed global be one process's update."""
     config = _sgd_recipe(tmp_path)
     state = tmp_path / "state"
     server, address = processes.server(state, "--config", str(config))
@@ -84,6 +105,8 @@ def _check_one_process_update(processes, two_client_data: Path, tmp_path: Path, 
     for process in launched:
         assert processes.wait(process) == 0, process.log_path.read_text()[-3000:]
     assert processes.wait(server) == 0
+    registrations = [line for line in server.log_path.read_text().splitlines() if "registered client_" in line]
+    assert len(registrations) == 1, registrations  # one logical client, whichever rank 0 it had
     _assert_one_process_update(load_params_file(state / "global" / "v1.safetensors"), config, data, micro_zoo)
 
 
