@@ -26,8 +26,8 @@ import logging
 import math
 import os
 import re
+import secrets
 import shutil
-import tempfile
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -158,6 +158,7 @@ class _UploadSink:
 
     def finish(self) -> None:
         self._receiver.finish()
+        self._sink.truncate()  # at the bytes written: a reused spare file may have been longer
         self._sink.flush()
         os.fsync(self._sink.fileno())
         self._sink.close()
@@ -199,6 +200,13 @@ class RunStore:
 
     def upload_dir(self, round_index: int) -> Path:
         return self.root / "uploads" / f"r{round_index}"
+
+    @property
+    def spare_dir(self) -> Path:
+        """Tensor files of the last committed round's uploads, kept for the next round's uploads to
+        overwrite: their pages are in the page cache, and overwriting cached pages costs a fraction
+        of the CPU that writing new files does (docs/decisions.md)."""
+        return self.root / "uploads" / "spare"
 
     # ---- run lifecycle ------------------------------------------------------------------
     def has_run(self) -> bool:
@@ -297,6 +305,7 @@ class RunStore:
         finished = RunRecord(**{**asdict(record), "final_metrics": dict(final_metrics), "done": True})
         self._write_record(finished)
         self._append_metrics({"event": "final", "global_version": record.global_version, **final_metrics})
+        shutil.rmtree(self.spare_dir, ignore_errors=True)  # no upload comes after DONE
         return finished
 
     # ---- uploads ------------------------------------------------------------------------
@@ -353,8 +362,27 @@ class RunStore:
 
     def _open_sink(self, path: Path, size: int, sha256: str, layout: BlobLayout) -> _UploadSink:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        return _UploadSink(self._spill_file(fd), Path(temp), size, sha256, layout)
+        temp = path.parent / f".{path.name}.{secrets.token_hex(8)}.part"
+        if self._take_spare(temp):
+            fd = os.open(temp, os.O_WRONLY)  # overwritten from the start, cut to size when finished
+        else:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        return _UploadSink(self._spill_file(fd), temp, size, sha256, layout)
+
+    def _take_spare(self, temp: Path) -> bool:
+        """Rename a spare tensor file, if one is left, to `temp`; atomic, so concurrent uploads never
+        take the same one."""
+        try:
+            spares = sorted(self.spare_dir.iterdir())
+        except FileNotFoundError:
+            return False
+        for spare in spares:
+            try:
+                os.rename(spare, temp)
+                return True
+            except FileNotFoundError:  # another upload took it first
+                continue
+        return False
 
     def _spill_file(self, fd: int) -> BinaryIO:
         """The file object an upload is written through (the seam fault-injection tests replace)."""
@@ -411,10 +439,20 @@ class RunStore:
         for stale in [*_versions(self.root / "global", "v"), *_versions(self.root / "strategy", "r")]:
             if stale[0] not in keep:
                 stale[1].unlink(missing_ok=True)
-        for round_index, directory in _versions(self.root / "uploads", "r"):
-            if round_index <= committed_round:
-                shutil.rmtree(directory, ignore_errors=True)
+        committed = [directory for round_index, directory in _versions(self.root / "uploads", "r")
+                     if round_index <= committed_round]
+        self._keep_spares([file for directory in committed for file in directory.glob("*.safetensors")])
+        for directory in committed:
+            shutil.rmtree(directory, ignore_errors=True)
         fsync_dir(self.root)
+
+    def _keep_spares(self, tensor_files: list[Path]) -> None:
+        """Make `tensor_files` the spares: those the last round left unused are surplus and go."""
+        self.spare_dir.mkdir(parents=True, exist_ok=True)
+        for surplus in self.spare_dir.iterdir():
+            surplus.unlink(missing_ok=True)
+        for file in tensor_files:
+            os.replace(file, self.spare_dir / f"{secrets.token_hex(8)}.safetensors")
 
 
 def _versions(directory: Path, prefix: str) -> list[tuple[int, Path]]:

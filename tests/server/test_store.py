@@ -308,7 +308,29 @@ def test_each_commit_keeps_the_last_two_globals_and_no_committed_uploads(tmp_pat
                                     {"round": round_index})
     assert sorted(p.name for p in (tmp_path / "global").iterdir()) == ["v3.safetensors", "v4.safetensors"]
     assert sorted(p.name for p in (tmp_path / "strategy").iterdir()) == ["r3.safetensors", "r4.safetensors"]
-    assert sorted(p.name for p in (tmp_path / "uploads").iterdir()) == ["r5"]
+    assert sorted(p.name for p in (tmp_path / "uploads").iterdir()) == ["r5", "spare"]
+
+
+def test_the_next_rounds_uploads_overwrite_the_last_committed_rounds_tensor_files(tmp_path) -> None:
+    store = RunStore(tmp_path)
+    record = store.commit_initial_global(store.create("{}", "fedavg"), params(0.0))
+    for client_id in ("a", "b"):
+        spill(store, client_id, 1.0, round_index=1)
+    record = store.commit_round(record, 1, params(1.0), {"m": torch.ones(1)}, {"round": 1})
+    spares = {path.stat().st_ino for path in store.spare_dir.iterdir()}
+    assert len(spares) == 2 and not store.upload_dir(1).exists()
+    for spare in store.spare_dir.iterdir():  # longer than the next upload, which must be cut to its own size
+        with open(spare, "ab") as handle:
+            handle.write(b"stale bytes")
+    spill(store, "c", 2.0, round_index=2)
+    (upload,) = store.uploads(2)  # published: its size is its header's
+    inode = upload.path.stat().st_ino
+    assert inode in spares and upload.path.stat().st_size == len(encode_projector(params(2.0), "float32"))
+    assert torch.equal(SpilledUpdates([upload])[0].params["linear_1.weight"], torch.full((4, 3), 2.0))
+    record = store.commit_round(record, 2, params(2.0), {"m": torch.ones(1)}, {"round": 2})
+    assert [path.stat().st_ino for path in store.spare_dir.iterdir()] == [inode]  # round 1's unused spare: surplus
+    store.commit_final(record, {"val_loss": 0.5})
+    assert not store.spare_dir.exists()
 
 
 def test_an_existing_run_is_never_overwritten(tmp_path) -> None:
