@@ -48,7 +48,7 @@ $(FLOWER_STAMP): bench/flower_app/pyproject.toml
 bench-system: install $(FLOWER_STAMP)
 	$(PY) bench/bench_system.py --flower-venv $(FLOWER_VENV) --out docs/PERFORMANCE.md
 
-bench-client: install
+bench-client: install bench-train
 	$(PY) bench/bench_client.py --out docs/CLIENT.md
 
 bench-train: install
