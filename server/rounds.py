@@ -392,6 +392,7 @@ class Coordinator:
     async def _aggregate_and_commit(self, round_index: int) -> None:
         self.phase = Phase.AGGREGATING
         self._notify()
+        self.store.forget_encoded_global()
         began = time.monotonic()
         uploads, outcome, new_global, step_norm = await asyncio.to_thread(self._aggregate, round_index,
                                                                            set(self.reported))

@@ -232,9 +232,14 @@ class RunStore:
                              "backbones": asdict(backbones) if backbones else {}})
         save_params_file(self.global_path(0), initial_global, self._global_metadata(fixed, 0, initial_global))
         self._write_record(fixed)
-        with self._encoded_lock:
-            self._encoded = None  # a v0 written again (a shape chosen again) must not be served from the cache
+        self.forget_encoded_global()  # a v0 written again (a shape chosen again) must not be served from the cache
         return fixed
+
+    def forget_encoded_global(self) -> None:
+        """Drop the encoded global (downloads under way keep theirs): when a round aggregates, its
+        downloads are over, and the projector it holds would add to the aggregation's peak."""
+        with self._encoded_lock:
+            self._encoded = None
 
     def load(self) -> RunRecord:
         try:

@@ -60,9 +60,13 @@ async def act_as_client(coordinator: Coordinator, client_id: str, shift: float, 
 def test_a_run_goes_to_done_with_fedavg_of_the_uploads(tmp_path, monkeypatch) -> None:
     releases = []  # committed rounds when the server handed its free memory back
     monkeypatch.setattr(rounds, "release_free_memory", lambda: releases.append(RunStore(tmp_path).load().committed_round))
+    encoded_at_commit = []  # whether the store still held an encoded global once the round was aggregated
 
     async def scenario() -> Coordinator:
         coordinator = make_coordinator(tmp_path)
+        commit_round = coordinator.store.commit_round
+        monkeypatch.setattr(coordinator.store, "commit_round", lambda *args: (
+            encoded_at_commit.append(coordinator.store._encoded is not None), commit_round(*args))[1])
         run = asyncio.create_task(coordinator.run())
         kinds = await asyncio.gather(act_as_client(coordinator, "a", 1.0, 10),
                                      act_as_client(coordinator, "b", 4.0, 30))
@@ -72,6 +76,7 @@ def test_a_run_goes_to_done_with_fedavg_of_the_uploads(tmp_path, monkeypatch) ->
 
     coordinator = asyncio.run(scenario())
     assert coordinator.phase is Phase.DONE and releases == [1, 2]  # after each commit: the round's buffers are free
+    assert encoded_at_commit == [False, False]  # the round's downloads were over: their projector was not kept
     record = RunStore(tmp_path).load()
     assert record.done and record.committed_round == 2
     start = coordinator.store.load_global(1)
