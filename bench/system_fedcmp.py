@@ -83,7 +83,7 @@ def percentile(values: list[float], q: float) -> float:
 def status_notes(calls: list[Call]) -> dict[str, float]:
     """Latency of the GetStatus and health calls answered while a round trained (transfers streaming)."""
     notes = {"status_calls_all": float(sum(call.kind == "status" for call in calls))}
-    for kind in ("status", "health"):
+    for kind in ("status", "health", "status_port"):
         training = [call.seconds for call in calls if call.kind == kind and call.phase == "TRAINING"]
         notes[f"{kind}_calls"] = float(len(training))
         if len(training) >= 2:
@@ -97,6 +97,7 @@ def run_fedcmp(workload: Workload, workdir: Path, probe_interval_s: float = 0.0,
     launcher = Launcher(workdir / "logs")
     port_file = workdir / "server.port"
     probe_file = workdir / "status-calls.txt"
+    status_port_file = workdir / "status.port"
     recipe = workdir / "recipe.yaml"
     recipe.write_text(f"wire_dtype: {workload.wire_dtype}\n")
     try:
@@ -104,7 +105,8 @@ def run_fedcmp(workload: Workload, workdir: Path, probe_interval_s: float = 0.0,
             str(BIN / "fedcmp-server"), "--host", "127.0.0.1", "--port", "0", "--port-file", str(port_file),
             "--state-dir", str(workdir / "state"), "--config", str(recipe), "--strategy", "fedavg",
             "--rounds", str(workload.rounds), "--min-clients", str(workload.clients), "--local-steps", "1",
-            "--round-timeout", str(timeout_s), "--exit-when-done", "--linger", "30"])
+            "--round-timeout", str(timeout_s), "--exit-when-done", "--linger", "30",
+            *(["--status-port", "0", "--status-port-file", str(status_port_file)] if probe_interval_s > 0 else [])])
         wait_until(lambda: port_file.exists() and port_file.read_text().strip() != "" or server.poll() is not None,
                    60, "fedcmp-server did not start")
         if server.poll() is not None:
@@ -113,8 +115,12 @@ def run_fedcmp(workload: Workload, workdir: Path, probe_interval_s: float = 0.0,
         with TreeSampler({"server": server.pid, "run": os.getpid()}) as sampler:
             watcher = RoundWatcher(address, workload.rounds)
             if probe_interval_s > 0:
-                launcher.start("status-probe", [sys.executable, str(STATUS_PROBE), "--server", address,
-                                                "--interval", str(probe_interval_s), "--out", str(probe_file)])
+                wait_until(lambda: status_port_file.exists() and status_port_file.read_text().strip() != "", 60,
+                           "fedcmp-server did not open its status port")
+                launcher.start("status-probe", [
+                    sys.executable, str(STATUS_PROBE), "--server", address, "--interval", str(probe_interval_s),
+                    "--status-port-server", f"127.0.0.1:{status_port_file.read_text().strip()}", "--out",
+                    str(probe_file)])
             clients = [launcher.start(f"clients-{first}", [
                 sys.executable, str(NOOP_CLIENT), "--server", address, "--prefix", "site", "--first", str(first),
                 "--clients", str(min(workload.clients_per_process, workload.clients - first)),

@@ -31,7 +31,8 @@ from fedcmp.common.security import SecurityConfigError
 from fedcmp.server.metrics import CoordinatorMetrics
 from fedcmp.server.rounds import Coordinator
 from fedcmp.server.security import load_tokens, server_credentials
-from fedcmp.server.service import SERVICE_NAME, STREAM_WINDOW_BYTES, build_server
+from fedcmp.server.service import SERVICE_NAME, STREAM_WINDOW_BYTES, build_server, status_message
+from fedcmp.server.status_endpoint import REFRESH_S, StatusEndpoint, publish_status
 from fedcmp.server.store import RunRecord, RunStore, StateError
 from fedcmp.server.strategies import Strategy, build_strategy
 
@@ -83,6 +84,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="HTTP/2 receive window of each transfer in MiB (0.0625-1024): bounds the memory an "
                              "upload parks in the server and one transfer's speed at window / round-trip time")
     parser.add_argument("--port-file", type=Path, help="write the bound port here once serving (for scripts)")
+    parser.add_argument("--status-port", type=int,
+                        help="also answer GetStatus on this port (0: any free one), from a thread of its own, so "
+                             "that status calls never wait behind the round's transfers")
+    parser.add_argument("--status-port-file", type=Path, help="write the bound status port here once serving")
     parser.add_argument("-v", "--verbose", action="store_true")
     add_common_flags(parser)
     add_recipe_flags(parser)
@@ -156,6 +161,20 @@ async def serve(args: argparse.Namespace, coordinator: Coordinator, credentials:
              ", bearer tokens" if tokens else "", coordinator.strategy.name, coordinator.recipe.rounds, args.state_dir)
     if args.port_file:
         args.port_file.write_text(str(port))
+    endpoint, publisher = None, None
+    if args.status_port is not None:
+        endpoint = StatusEndpoint(f"{args.host}:{args.status_port}", credentials, tokens, args.public_status)
+        try:
+            status_port = endpoint.start()
+        except ValueError as error:
+            log.error("%s", error)
+            endpoint.stop()
+            await server.stop(grace=None)
+            return EXIT_USAGE
+        publisher = asyncio.create_task(publish_status(endpoint, lambda: status_message(coordinator)))
+        log.info("GetStatus also on %s:%d (its own thread; snapshots every %.1fs)", args.host, status_port, REFRESH_S)
+        if args.status_port_file:
+            args.status_port_file.write_text(str(status_port))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -183,6 +202,9 @@ async def serve(args: argparse.Namespace, coordinator: Coordinator, credentials:
             await run
     health.cancel()
     stopper.cancel()
+    if endpoint is not None:
+        publisher.cancel()
+        endpoint.stop()
     await server.health_servicer.enter_graceful_shutdown()
     await server.stop(grace=2.0)
     return EXIT_OK

@@ -90,7 +90,19 @@ def test_cpu_table_splits_each_round_between_server_clients_and_the_rest_of_the_
 
 def test_status_verdict_sets_the_health_check_beside_get_status() -> None:
     verdict = report(7.0, 0.1, 0.25, 3.5, 0.03, 3.0).verdicts(PROJECTOR)[4]
-    assert verdict.measured == "round done; p99 30 ms (health check p99 2.0 ms)" and verdict.met
+    assert verdict.measured == "round done; p99 30 ms on the main port (health check p99 2.0 ms)" and verdict.met
+
+
+def test_status_verdict_is_the_status_ports_with_the_main_port_beside_it() -> None:
+    result = report(7.0, 0.1, 0.25, 3.5, 0.3, 3.0)  # the main port's p99: 300 ms
+    result.swarm_run.notes |= {"status_port_p99_s": 0.012, "status_port_p50_s": 0.001, "status_port_calls": 90.0,
+                               "status_port_max_s": 0.02}
+    verdict = result.verdicts(PROJECTOR)[4]
+    assert verdict.measured == ("round done; p99 12 ms on the status port, p99 300 ms on the main port "
+                                "(health check p99 2.0 ms)") and verdict.met
+    result.swarm_run.notes["status_port_p99_s"] = 0.07
+    assert not result.verdicts(PROJECTOR)[4].met
+    assert "| GetStatus, status port | 90 | 1.0 ms | 70.0 ms | 20.0 ms |" in result.markdown(PROJECTOR)
 
 
 def test_reading_section_splits_the_round_and_memory_from_the_tables() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,20 @@ OPERATOR_TOKEN = "t0k3n-for-an-operator-" + "z" * 16
 
 def openssl(*args: str, cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def status_port_flags(tmp_path: Path) -> list[str]:
+    return ["--status-port", "0", "--status-port-file", str(tmp_path / "status.port")]
+
+
+def read_status_port(tmp_path: Path, server: subprocess.Popen) -> int:
+    """The status port a server started with `status_port_flags(tmp_path)` bound (it is written after the main one)."""
+    port_file = tmp_path / "status.port"
+    deadline = time.monotonic() + 60
+    while not (port_file.exists() and port_file.read_text().strip()):
+        assert server.poll() is None and time.monotonic() < deadline, server.log_path.read_text()[-2000:]
+        time.sleep(0.1)
+    return int(port_file.read_text())
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +59,19 @@ def test_mutual_tls_with_tokens(processes, two_client_data: Path, tmp_path: Path
     server, address = processes.server(
         state, "--rounds", "1", "--min-clients", "1", "--local-steps", "2", "--tls-cert", str(pki / "server.pem"),
         "--tls-key", str(pki / "server.key"), "--tls-client-ca", str(pki / "ca.pem"), "--auth-tokens",
-        str(pki / "tokens"), "--linger", "5")
+        str(pki / "tokens"), "--linger", "5", *status_port_flags(tmp_path))
     tls = ["--tls-ca", str(pki / "ca.pem"), "--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key")]
+    # The status port speaks the same mutual TLS and wants the same operator token.
+    status_address = f"127.0.0.1:{read_status_port(tmp_path, server)}"
+    on_status_port = subprocess.run([str(BIN / "fedcmp-status"), "--server", status_address, "--json", *tls,
+                                     "--token-file", str(pki / "operator.token")], capture_output=True, text=True,
+                                    timeout=60)
+    assert on_status_port.returncode == EXIT_OK, on_status_port.stderr
+    assert json.loads(on_status_port.stdout)["phase"] == "WAITING"
+    no_certificate = subprocess.run([str(BIN / "fedcmp-status"), "--server", status_address, "--tls-ca",
+                                     str(pki / "ca.pem"), "--token-file", str(pki / "operator.token"), "--timeout", "5"],
+                                    capture_output=True, text=True, timeout=60)
+    assert no_certificate.returncode == EXIT_UNAVAILABLE
     data = two_client_data / "client_0"
     impostor = processes.client("impostor", address, data, *tls, "--token-file", str(pki / "bad.token"))
     assert processes.wait(impostor, timeout=120) == EXIT_REFUSED
@@ -68,19 +94,21 @@ def test_mutual_tls_with_tokens(processes, two_client_data: Path, tmp_path: Path
 
 def test_tokens_over_plaintext_are_warned_about_and_status_needs_an_operator(processes, two_client_data: Path,
                                                                             tmp_path: Path, pki: Path) -> None:
-    server, address = processes.server(tmp_path / "state", "--auth-tokens", str(pki / "tokens"))
+    server, address = processes.server(tmp_path / "state", "--auth-tokens", str(pki / "tokens"),
+                                       *status_port_flags(tmp_path))
     assert "bearer tokens over PLAINTEXT" in server.log_path.read_text()
 
-    def status(*flags: str) -> subprocess.CompletedProcess:
-        return subprocess.run([str(BIN / "fedcmp-status"), "--server", address, "--json", *flags],
+    def status(at: str, *flags: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(BIN / "fedcmp-status"), "--server", at, "--json", *flags],
                               capture_output=True, text=True, timeout=60)
 
-    anonymous, client, operator = status(), status("--token-file", str(pki / "good.token")), \
-        status("--token-file", str(pki / "operator.token"))
-    assert anonymous.returncode == client.returncode == EXIT_UNAVAILABLE
-    assert "UNAUTHENTICATED" in anonymous.stderr and "operator's bearer token" in client.stderr
-    assert operator.returncode == EXIT_OK and json.loads(operator.stdout)["phase"] == "WAITING"
-    assert "PLAINTEXT" in operator.stderr
+    for at in (address, f"127.0.0.1:{read_status_port(tmp_path, server)}"):  # the main port, the status port
+        anonymous, client, operator = status(at), status(at, "--token-file", str(pki / "good.token")), \
+            status(at, "--token-file", str(pki / "operator.token"))
+        assert anonymous.returncode == client.returncode == EXIT_UNAVAILABLE
+        assert "UNAUTHENTICATED" in anonymous.stderr and "operator's bearer token" in client.stderr
+        assert operator.returncode == EXIT_OK and json.loads(operator.stdout)["phase"] == "WAITING"
+        assert "PLAINTEXT" in operator.stderr
     # A client sending its token without TLS warns before it even reaches a coordinator.
     plain = processes.client("plain", "127.0.0.1:1", two_client_data / "client_0", "--token-file",
                              str(pki / "good.token"), "--reconnect-budget", "1")

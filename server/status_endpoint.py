@@ -1,0 +1,79 @@
+"""A status port off the coordinator's event loop: GetStatus answered from a snapshot, in a thread.
+
+Every call the coordinator serves shares its one event loop, so under a round's burst of
+transfers and polls a status call waits in the loop's queue behind them (docs/decisions.md:
+builds take a few ms, the wait up to hundreds). With `fedcmp-server --status-port`, a second
+gRPC server in a thread of its own, with its own event loop, answers `GetStatus` (and only it)
+from the latest snapshot that the coordinator's loop publishes every `REFRESH_S`, so an
+operator's call costs the coordinator nothing and waits for nothing but the snapshot handover.
+It takes the main port's TLS credentials and bearer tokens (an operator's token, unless
+`--public-status`); other methods answer UNIMPLEMENTED there.
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+
+import grpc
+
+from fedcmp.common.wire import coordinator_pb2 as pb
+from fedcmp.server.security import BearerTokenInterceptor
+
+REFRESH_S = 0.2  # the coordinator's loop publishes a snapshot this often: the staleness of an answer
+GET_STATUS = f"/{pb.DESCRIPTOR.services_by_name['Coordinator'].full_name}/GetStatus"
+
+
+class StatusEndpoint:
+    """GetStatus on its own port, served by a thread and event loop of its own from `publish`ed snapshots."""
+
+    def __init__(self, bind: str, credentials: grpc.ServerCredentials | None = None,
+                 tokens: dict[str, str] | None = None, public_status: bool = False) -> None:
+        self._bind, self._credentials = bind, credentials
+        self._interceptors = (BearerTokenInterceptor(tokens, public_status),) if tokens is not None else ()
+        self._snapshot = pb.Status()  # replaced whole by publish(), never changed in place
+        self._loop = asyncio.new_event_loop()
+        self._server: grpc.aio.Server | None = None
+        self._thread = threading.Thread(target=self._loop.run_forever, name="fedcmp-status", daemon=True)
+        self.port = 0
+
+    def publish(self, snapshot: pb.Status) -> None:
+        """Make `snapshot` what GetStatus answers (called from the coordinator's loop; one reference swap)."""
+        self._snapshot = snapshot
+
+    def start(self) -> int:
+        """Bind and serve in the endpoint's thread; returns the bound port (ValueError if it cannot bind)."""
+        self._thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self._start(), self._loop).result(timeout=30)
+        return self.port
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        if self._server is not None:
+            asyncio.run_coroutine_threadsafe(self._server.stop(grace_s), self._loop).result(timeout=grace_s + 30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=30)
+
+    async def _start(self) -> int:
+        self._server = grpc.aio.server(interceptors=self._interceptors)
+        handler = grpc.unary_unary_rpc_method_handler(self._get_status,
+                                                      request_deserializer=pb.StatusRequest.FromString,
+                                                      response_serializer=pb.Status.SerializeToString)
+        service, method = GET_STATUS.rsplit("/", 1)
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service[1:], {method: handler}),))
+        try:
+            port = (self._server.add_secure_port(self._bind, self._credentials) if self._credentials
+                    else self._server.add_insecure_port(self._bind))
+        except RuntimeError as error:  # grpc: "Failed to bind to address ..."
+            raise ValueError(f"cannot serve status on {self._bind}: {error}") from error
+        await self._server.start()
+        return port
+
+    async def _get_status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.Status:
+        return self._snapshot
+
+
+async def publish_status(endpoint: StatusEndpoint, build: Callable[[], pb.Status], refresh_s: float = REFRESH_S) -> None:
+    """On the coordinator's loop: a fresh snapshot for `endpoint` every `refresh_s`, until cancelled."""
+    while True:
+        endpoint.publish(build())
+        await asyncio.sleep(refresh_s)
