@@ -9,8 +9,9 @@ Measures, in one run on this machine (issue 12's targets):
    K with `wire_dtype: bfloat16` (half the bytes).
 2. Aggregation time of fedavg vs fedcmp at the 7B shape (bench_aggregation.py).
 3. The server's peak RSS with 64 such clients in a round, against one projector's size.
-4. 256 small-projector clients through two rounds (more GetStatus calls to take a p99 of),
-   timing GetStatus while the uploads stream.
+4. 256 small-projector clients through four rounds (more GetStatus calls to take a p99 of),
+   timing GetStatus while the uploads stream, on both of the server's ports and on an idle
+   reference process (bench/reference_status.py) that shows the machine's own floor.
 
     python bench/bench_system.py --flower-venv .venv-flower [--out docs/PERFORMANCE.md] [--quick]
 
@@ -49,15 +50,16 @@ class Plan:
     aggregation_shape_scale: int  # 1: the 7B shape; the quick plan shrinks it
     rss_clients: int
     swarm_clients: int
+    swarm_rounds: int
     bf16_clients: int  # a fedcmp run with wire_dtype bfloat16 at the plan's projector
 
 
 FULL = Plan(system_clients=(4, 8, 16), rounds=2, projector={"vision_hidden": 1024, "text_hidden": 4096},
             aggregation=((4, False, 3), (16, False, 3), (16, True, 3), (64, True, 1)), aggregation_shape_scale=1,
-            rss_clients=64, swarm_clients=256, bf16_clients=16)
+            rss_clients=64, swarm_clients=256, swarm_rounds=4, bf16_clients=16)
 QUICK = Plan(system_clients=(2, 3), rounds=2, projector={"vision_hidden": 64, "text_hidden": 512},
              aggregation=((2, False, 1), (4, True, 1)), aggregation_shape_scale=8,
-             rss_clients=4, swarm_clients=16, bf16_clients=3)
+             rss_clients=4, swarm_clients=16, swarm_rounds=2, bf16_clients=3)
 
 
 def log(message: str) -> None:
@@ -130,8 +132,8 @@ def main() -> int:
         log(f"fedcmp: {plan.rss_clients} clients, projector {plan.projector}, one round")
         report.rss_run = run_fedcmp(Workload(plan.rss_clients, 1, clients_per_process=16, max_active=4,
                                              **plan.projector), workdir / "fedcmp-rss")
-        log(f"fedcmp: {plan.swarm_clients} clients, projector {SMALL}, two rounds, GetStatus every 20 ms")
-        report.swarm_run = run_fedcmp(Workload(plan.swarm_clients, 2, clients_per_process=32, **SMALL),
+        log(f"fedcmp: {plan.swarm_clients} clients, projector {SMALL}, {plan.swarm_rounds} rounds, GetStatus every 20 ms")
+        report.swarm_run = run_fedcmp(Workload(plan.swarm_clients, plan.swarm_rounds, clients_per_process=32, **SMALL),
                                       workdir / "fedcmp-swarm", probe_interval_s=0.02)
     report.load_after = os.getloadavg()
     report.wall_s = time.monotonic() - started

@@ -4,7 +4,8 @@ The server runs FedAvg for R rounds (the clients' work is the same whatever the 
 its users start it, from the console script; the clients are bench/noop_client.py processes.
 The benchmark follows the run through the server's WatchStatus stream (round r starts when
 status first says TRAINING round r, ends when round r is in the history) and, optionally,
-times GetStatus calls from a bench/status_probe.py process; the calls answered in TRAINING
+times GetStatus calls from a bench/status_probe.py process, on the server's two ports and on an
+idle bench/reference_status.py process (the machine's floor); the calls answered in TRAINING
 are those made while downloads and uploads stream.
 """
 from __future__ import annotations
@@ -28,6 +29,7 @@ from system_run import Launcher, Round, RunResult, measured, wait_until
 BIN = Path(sys.executable).parent
 NOOP_CLIENT = Path(__file__).with_name("noop_client.py")
 STATUS_PROBE = Path(__file__).with_name("status_probe.py")
+REFERENCE_STATUS = Path(__file__).with_name("reference_status.py")
 
 
 @dataclass(frozen=True)
@@ -83,7 +85,7 @@ def percentile(values: list[float], q: float) -> float:
 def status_notes(calls: list[Call]) -> dict[str, float]:
     """Latency of the GetStatus and health calls answered while a round trained (transfers streaming)."""
     notes = {"status_calls_all": float(sum(call.kind == "status" for call in calls))}
-    for kind in ("status", "health", "status_port"):
+    for kind in ("status", "health", "status_port", "reference"):
         training = [call.seconds for call in calls if call.kind == kind and call.phase == "TRAINING"]
         notes[f"{kind}_calls"] = float(len(training))
         if len(training) >= 2:
@@ -98,6 +100,7 @@ def run_fedcmp(workload: Workload, workdir: Path, probe_interval_s: float = 0.0,
     port_file = workdir / "server.port"
     probe_file = workdir / "status-calls.txt"
     status_port_file = workdir / "status.port"
+    reference_port_file = workdir / "reference.port"
     recipe = workdir / "recipe.yaml"
     recipe.write_text(f"wire_dtype: {workload.wire_dtype}\n")
     try:
@@ -115,12 +118,16 @@ def run_fedcmp(workload: Workload, workdir: Path, probe_interval_s: float = 0.0,
         with TreeSampler({"server": server.pid, "run": os.getpid()}) as sampler:
             watcher = RoundWatcher(address, workload.rounds)
             if probe_interval_s > 0:
-                wait_until(lambda: status_port_file.exists() and status_port_file.read_text().strip() != "", 60,
-                           "fedcmp-server did not open its status port")
+                launcher.start("reference-status", [sys.executable, str(REFERENCE_STATUS), "--port-file",
+                                                    str(reference_port_file)])
+                for port_file_of, what in ((status_port_file, "fedcmp-server did not open its status port"),
+                                           (reference_port_file, "the reference status server did not start")):
+                    wait_until(lambda path=port_file_of: path.exists() and path.read_text().strip() != "", 60, what)
                 launcher.start("status-probe", [
                     sys.executable, str(STATUS_PROBE), "--server", address, "--interval", str(probe_interval_s),
-                    "--status-port-server", f"127.0.0.1:{status_port_file.read_text().strip()}", "--out",
-                    str(probe_file)])
+                    "--status-port-server", f"127.0.0.1:{status_port_file.read_text().strip()}",
+                    "--reference-server", f"127.0.0.1:{reference_port_file.read_text().strip()}",
+                    "--out", str(probe_file)])
             clients = [launcher.start(f"clients-{first}", [
                 sys.executable, str(NOOP_CLIENT), "--server", address, "--prefix", "site", "--first", str(first),
                 "--clients", str(min(workload.clients_per_process, workload.clients - first)),

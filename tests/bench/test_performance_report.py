@@ -121,3 +121,28 @@ def test_status_reading_quotes_both_calls_and_does_not_guess_whose_tail_it_is() 
     assert "GetStatus p50 10.0 ms, p99 200.0 ms; the health check on the same loop, which builds nothing, p50 4.0 ms, " \
            "p99 400.0 ms." in reading
     assert "this run does not split the tails" in reading
+
+
+def test_status_verdict_and_reading_set_the_idle_reference_process_beside_the_status_port() -> None:
+    result = report(7.0, 0.1, 0.25, 3.5, 0.3, 3.0)
+    result.swarm_run.notes |= {"status_port_p99_s": 0.06, "status_port_p50_s": 0.002, "status_port_calls": 90.0,
+                               "status_port_max_s": 0.08, "reference_p99_s": 0.055, "reference_p50_s": 0.001,
+                               "reference_calls": 90.0, "reference_max_s": 0.07}
+    verdict = result.verdicts(PROJECTOR)[4]
+    assert verdict.measured.endswith("; an idle process answering a fixed status: p99 55.0 ms") and not verdict.met
+    text = result.markdown(PROJECTOR)
+    assert "| GetStatus, idle reference process | 90 | 1.0 ms | 55.0 ms | 70.0 ms |" in text
+    reading = text.split("## Reading the figures")[1].split("\n## ")[0].replace("\n", " ")
+    assert "The status port's p50 2.0 ms, p99 60.0 ms; an idle process" in reading
+    assert "timed in the same loop: p50 1.0 ms, p99 55.0 ms." in reading
+
+
+def test_server_cpu_is_shown_round_by_round_and_after_the_first_round() -> None:
+    result = report(7.0, 0.1, 0.25, 3.5, 0.03, 3.0)
+    ours = result.pairs[0].fedcmp  # K = 16
+    ours.server_cpu_s, ours.server_system_s = [8.0, 2.4, 3.2], [4.0, 0.8, 1.6]
+    verdict = result.verdicts(PROJECTOR)[1]
+    assert verdict.measured == "0.28 s (worst K, 16); after the first round 0.17 s (worst K)" and not verdict.met
+    reading = result.markdown(PROJECTOR).replace("\n", " ")
+    assert "round by round (the kernel's part in brackets): K = 16: 0.500 s (0.250 s), 0.150 s (0.050 s), " \
+           "0.200 s (0.100 s)." in reading
