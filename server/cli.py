@@ -85,8 +85,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "upload parks in the server and one transfer's speed at window / round-trip time")
     parser.add_argument("--port-file", type=Path, help="write the bound port here once serving (for scripts)")
     parser.add_argument("--status-port", type=int,
-                        help="also answer GetStatus on this port (0: any free one), from a thread of its own, so "
-                             "that status calls never wait behind the round's transfers")
+                        help="also answer GetStatus and WatchStatus on this port (0: any free one), from a thread "
+                             "of its own, so that status calls never wait behind the round's transfers")
     parser.add_argument("--status-port-file", type=Path, help="write the bound status port here once serving")
     parser.add_argument("-v", "--verbose", action="store_true")
     add_common_flags(parser)
@@ -172,7 +172,8 @@ async def serve(args: argparse.Namespace, coordinator: Coordinator, credentials:
             await server.stop(grace=None)
             return EXIT_USAGE
         publisher = asyncio.create_task(publish_status(endpoint, lambda: status_message(coordinator)))
-        log.info("GetStatus also on %s:%d (its own thread; snapshots every %.1fs)", args.host, status_port, REFRESH_S)
+        log.info("status also on %s:%d (GetStatus, WatchStatus; its own thread; snapshots every %.1fs)", args.host,
+                 status_port, REFRESH_S)
         if args.status_port_file:
             args.status_port_file.write_text(str(status_port))
     stop = asyncio.Event()

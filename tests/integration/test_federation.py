@@ -16,18 +16,27 @@ from fedcmp.common.constants import EXIT_REFUSED
 def test_two_clients_two_rounds_lower_the_held_out_loss(processes, two_client_data: Path, tmp_path: Path,
                                                         strategy: str) -> None:
     state = tmp_path / "state"
+    status_port_file = tmp_path / "status.port"
     server, address = processes.server(state, "--rounds", "2", "--min-clients", "2", "--strategy", strategy,
-                                       "--local-steps", "15",
-                                       "--linger", "20")
-    watcher = subprocess.Popen([str(Path(sys.executable).parent / "fedcmp-status"), "--server", address, "--watch",
-                                "--json"], stdout=subprocess.PIPE, text=True)
-    processes.started.append(watcher)
+                                       "--local-steps", "15", "--status-port", "0", "--status-port-file",
+                                       str(status_port_file), "--linger", "20")
+    deadline = time.monotonic() + 60
+    while not (status_port_file.exists() and status_port_file.read_text().strip()):
+        assert time.monotonic() < deadline, "the status port was never opened"
+        time.sleep(0.1)
+    watchers = [subprocess.Popen([str(Path(sys.executable).parent / "fedcmp-status"), "--server", at, "--watch",
+                                  "--json"], stdout=subprocess.PIPE, text=True)
+                for at in (address, f"127.0.0.1:{status_port_file.read_text().strip()}")]  # main port, status port
+    processes.started.extend(watchers)
     clients = [processes.client(f"client_{i}", address, two_client_data / f"client_{i}") for i in range(2)]
     assert [processes.wait(c) for c in clients] == [0, 0], [c.log_path.read_text()[-2000:] for c in clients]
     assert processes.wait(server) == 0
-    statuses = [json.loads(line) for line in watcher.stdout]
+    statuses, on_status_port = ([json.loads(line) for line in watcher.stdout] for watcher in watchers)
     assert statuses[-1]["phase"] == "DONE" and statuses[-1]["round"] == 2
     assert {"WAITING", "TRAINING", "AGGREGATING", "EVALUATING"} <= {s["phase"] for s in statuses}
+    # The status port's stream follows the same run from snapshots (every 0.2 s) to the same end.
+    assert on_status_port[-1]["phase"] == "DONE" and on_status_port[-1]["round"] == 2
+    assert {"WAITING", "TRAINING"} <= {s["phase"] for s in on_status_port}
 
     record = json.loads((state / "run.json").read_text())
     assert record["done"] and record["committed_round"] == 2 and record["strategy"] == strategy

@@ -48,11 +48,37 @@ def test_status_is_answered_while_the_coordinators_loop_is_blocked(endpoint) -> 
     assert answers == [pb.Status(phase="TRAINING", round=3, clients_total=256)]
 
 
-def test_only_get_status_is_served_there(endpoint) -> None:
+def test_only_the_status_methods_are_served_there(endpoint) -> None:
     _, stub = endpoint()
     with pytest.raises(grpc.RpcError) as refused:
-        next(stub.WatchStatus(pb.StatusRequest(), timeout=30))
+        stub.Heartbeat(pb.HeartbeatRequest(), timeout=30)
     assert refused.value.code() is grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_a_watcher_gets_each_change_but_not_the_clocks_and_its_stream_ends_at_done(endpoint) -> None:
+    served, stub = endpoint()
+    client = pb.ClientInfo(client_id="site-a", state="training", last_seen_s=0.1, eta_s=9.0)
+    served.publish(pb.Status(phase="TRAINING", round=1, uptime_s=1.0, clients=[client]))
+    stream = stub.WatchStatus(pb.StatusRequest(), timeout=60)
+    first = next(stream)  # at once, without waiting for a publish
+    assert (first.phase, first.round, first.uptime_s) == ("TRAINING", 1, 1.0)
+    later = pb.ClientInfo(client_id="site-a", state="training", last_seen_s=0.3, eta_s=8.5)
+    served.publish(pb.Status(phase="TRAINING", round=1, uptime_s=1.2, eta_s=30.0, clients=[later]))  # the clock only
+    # The endpoint's loop runs its callbacks in order: once this one ran, it has compared that snapshot.
+    asyncio.run_coroutine_threadsafe(asyncio.sleep(0), served._loop).result(timeout=30)
+    served.publish(pb.Status(phase="AGGREGATING", round=1, uptime_s=1.4, clients=[later]))
+    assert next(stream).phase == "AGGREGATING"  # the clock-only snapshot was not sent
+    served.publish(pb.Status(phase="DONE", round=1, uptime_s=1.6))
+    assert next(stream).phase == "DONE"
+    assert list(stream) == []  # ended after DONE
+
+
+def test_a_watcher_that_joins_later_gets_the_latest_snapshot_at_once(endpoint) -> None:
+    served, stub = endpoint()
+    served.publish(pb.Status(phase="TRAINING", round=2))
+    assert next(stub.WatchStatus(pb.StatusRequest(), timeout=60)).round == 2
+    served.publish(pb.Status(phase="TRAINING", round=3))
+    assert next(stub.WatchStatus(pb.StatusRequest(), timeout=60)).round == 3
 
 
 def test_tokens_guard_the_status_port_as_they_guard_the_main_one(endpoint) -> None:
