@@ -199,11 +199,14 @@ def _participants(
     """Validate every update; return the clients sorted by client_id (with ||D_k|| if asked)."""
     seen: list[Participant] = []
     base = {key: float32(tensor) for key, tensor in global_params.items()} if with_norms else {}
+    # One buffer for every client's deltas, as large as the largest tensor: a fresh tensor per
+    # client and key would have its pages faulted in anew each time (docs/decisions.md).
+    scratch = torch.empty(max((tensor.numel() for tensor in base.values()), default=0))
     for index in range(len(updates)):
         update = updates[index]
         _check_update(update, global_params)
         part = Participant(index, update.client_id, update.num_samples, dict(update.metrics))
-        seen.append(_measured(part, update, base) if with_norms else part)
+        seen.append(_measured(part, update, base, scratch) if with_norms else part)
         del update
     return _checked_round(sorted(seen, key=lambda part: part.client_id))
 
@@ -223,9 +226,12 @@ def sum_of_squares(tensor: Tensor) -> float:
     return float(norms.square().sum())
 
 
-def _measured(part: Participant, update: ClientUpdate, base: Mapping[str, Tensor]) -> Participant:
-    """`part` with norm = ||W^k - W||_F (and `wide` if float32 cannot hold W^k - W)."""
-    squares = sum(sum_of_squares(torch.sub(float32(update.params[key]), tensor)) for key, tensor in base.items())
+def _measured(part: Participant, update: ClientUpdate, base: Mapping[str, Tensor], scratch: Tensor) -> Participant:
+    """`part` with norm = ||W^k - W||_F (and `wide` if float32 cannot hold W^k - W); each
+    W^k - W is formed in `scratch` (float32, at least as many elements as the largest tensor)."""
+    squares = sum(sum_of_squares(torch.sub(float32(update.params[key]), tensor,
+                                           out=scratch[:tensor.numel()].view(tensor.shape)))
+                  for key, tensor in base.items())
     if math.isfinite(squares):
         return dataclasses.replace(part, norm=math.sqrt(squares))
     exact = sum(float(torch.linalg.vector_norm(float32(update.params[key]).double() - tensor.double())) ** 2

@@ -182,6 +182,30 @@ def test_sum_of_squares_is_float64_accurate_and_survives_float32_overflow() -> N
     assert sum_of_squares(torch.tensor([[math.inf, 0.0]])) == math.inf
 
 
+def test_the_survey_forms_every_clients_deltas_in_one_buffer(monkeypatch) -> None:
+    """A fresh delta tensor per client and key has its pages faulted in anew each time (docs/decisions.md)."""
+    gen = torch.Generator().manual_seed(0)
+    global_params = random_params(MLP, gen)
+    updates = [ClientUpdate(f"c{k}", 10, random_params(MLP, gen), {}) for k in range(3)]
+    scratches: list[torch.Tensor] = []
+    measured = strategies_base._measured
+
+    def spy(part, update, base, scratch):
+        scratches.append(scratch)
+        return measured(part, update, base, scratch)
+
+    monkeypatch.setattr(strategies_base, "_measured", spy)
+    order = strategies_base.survey(global_params, updates)
+    assert len(scratches) == 3 and len({scratch.data_ptr() for scratch in scratches}) == 1  # one for all clients
+    for part, update in zip(order, updates):
+        exact = math.sqrt(sum(float((update.params[key].double() - value.double()).square().sum())
+                              for key, value in global_params.items()))
+        assert part.norm == pytest.approx(exact, rel=1e-6)
+    last_key = list(global_params)[-1]  # the last delta formed: the last client's last tensor, in the scratch
+    delta = updates[-1].params[last_key] - global_params[last_key]
+    assert torch.equal(scratches[-1][:delta.numel()].view(delta.shape), delta)
+
+
 def test_every_strategy_accepts_a_norm_bound() -> None:
     for name in [name for name in available_strategies() if name != "fedcmp-no-norm-bound"]:  # it pins inf
         default = math.inf if not name.startswith("fedcmp") else 1.5  # on by default for Fed-CMP
