@@ -176,13 +176,9 @@ class ProjectorMLLM:
         Layer `vision_feature_layer`, CLS dropped under the `default` strategy, exactly as
         `LlavaModel.get_image_features` selects them.
         """
-        layer = self.llava.config.vision_feature_layer
         with self._autocast():
-            outputs = self.llava.model.vision_tower(pixel_values.to(self.device), output_hidden_states=True)
-        # num_layers + 1 tensors of [b, 1 + patches, vision_hidden] (embeddings first). transformers reports
-        # none for a tower without layers (a benchmark's stand-in): its one hidden state is last_hidden_state.
-        hidden_states = outputs.hidden_states or (outputs.last_hidden_state,)
-        features = hidden_states[layer]  # [b, 1 + patches, vision_hidden]
+            features = tower_hidden_state(self.llava.model.vision_tower, pixel_values.to(self.device),
+                                          self.llava.config.vision_feature_layer)  # [b, 1 + patches, vision_hidden]
         if self.llava.config.vision_feature_select_strategy == "default":
             features = features[:, 1:]  # drop CLS -> [b, patches, vision_hidden]
         return features
@@ -231,6 +227,48 @@ class ProjectorMLLM:
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.precision, self.device)
+
+
+class _Reached(Exception):
+    """Raised by a hook when the vision tower has computed the hidden state asked for; carries it."""
+
+    def __init__(self, hidden: Tensor) -> None:
+        super().__init__("the selected hidden state is computed")
+        self.hidden = hidden
+
+
+def tower_hidden_state(tower: nn.Module, pixel_values: Tensor, layer: int) -> Tensor:
+    """Hidden state `layer` of the vision tower (0: the encoder's input; negative from the end) as
+    transformers' `output_hidden_states` numbers them, [b, 1 + patches, vision_hidden].
+
+    The encoder layers after the selected one cannot change it, so they do not run: LLaVA's
+    tower runs them and drops their output (its last layer, at the default of -2). A hook on the
+    last layer needed (on the encoder's input for hidden state 0) takes the hidden state and
+    stops the forward there. A tower whose layers are not an `encoder.layers` list runs whole.
+    """
+    encoder = getattr(tower, "encoder", None)
+    if encoder is None:  # transformers before 5 nests it: CLIPVisionModel.vision_model.encoder
+        encoder = getattr(getattr(tower, "vision_model", None), "encoder", None)
+    layers = getattr(encoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not -len(layers) - 1 <= layer <= len(layers):
+        return tower(pixel_values, output_hidden_states=True).hidden_states[layer]  # out of range: fails there
+
+    def after_layer(module: nn.Module, args: tuple, output: Tensor | tuple[Tensor, ...]) -> None:
+        raise _Reached(output[0] if isinstance(output, tuple) else output)  # the layer's output, or its first part
+
+    def before_encoder(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        raise _Reached(kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else args[0])
+
+    index = layer % (len(layers) + 1)  # hidden state `index` is the output of the first `index` layers
+    hook = (layers[index - 1].register_forward_hook(after_layer) if index
+            else encoder.register_forward_pre_hook(before_encoder, with_kwargs=True))
+    try:
+        tower(pixel_values)
+    except _Reached as done:
+        return done.hidden
+    finally:
+        hook.remove()
+    raise RuntimeError(f"the vision tower's forward never reached its hidden state {layer}")
 
 
 def _resolve(name_or_path: str, kind: str, cache_dir: Path | None) -> str:

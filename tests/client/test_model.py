@@ -187,3 +187,42 @@ def test_a_tower_without_layers_gives_its_embeddings(tmp_path: Path, make_recipe
     with torch.no_grad():
         embeddings = tower.pre_layrnorm(tower.embeddings(pixels))  # [2, 1 + 16, 24]
     assert torch.equal(model.image_features(pixels), embeddings[:, 1:])
+
+
+@pytest.mark.parametrize("layer", [-2, 1, 0])
+def test_the_tower_stops_at_the_selected_layer_and_leaves_no_hook_behind(
+        make_recipe: Callable[..., Recipe], layer: int) -> None:
+    recipe = make_recipe(vision_feature_layer=layer)
+    model = ProjectorMLLM.from_pretrained(recipe.vision_model, recipe.llm, recipe)
+    tower = model.llava.model.vision_tower
+    layers = list(tower.encoder.layers)
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        whole = tower(pixels, output_hidden_states=True).hidden_states[layer]  # what LLaVA selects
+
+    def hooks() -> list[list[int]]:  # transformers keeps hooks of its own on the layers once asked for hidden states
+        return [list(tower.encoder._forward_pre_hooks)] + [list(block._forward_hooks) for block in layers]
+
+    before = hooks()
+    ran: list[int] = []
+    spies = [block.register_forward_hook(lambda *_, at=at: ran.append(at)) for at, block in enumerate(layers)]
+    try:
+        features = model.image_features(pixels)
+    finally:
+        for spy in spies:
+            spy.remove()
+    selected = layer % (len(layers) + 1)  # hidden state `selected`: the output of the first `selected` layers
+    assert ran == list(range(selected))  # the layers after it never ran
+    assert torch.equal(features, whole[:, 1:])
+    assert hooks() == before
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("a failing patch embedding")
+
+    failing = tower.embeddings.register_forward_hook(broken)
+    try:
+        with pytest.raises(RuntimeError, match="a failing patch embedding"):
+            model.image_features(pixels)
+    finally:
+        failing.remove()
+    assert hooks() == before  # none left behind after a failure either
