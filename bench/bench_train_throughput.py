@@ -25,7 +25,8 @@ one thread, close to the wall time of an unloaded machine, and far less disturbe
 processes), and the ratios of fedcmp to plain, medians of the per-repeat ratios. Before timing,
 both sides' losses on the first batch are printed: they must agree (same objective). After it,
 where one batch's CPU time goes: the plain loop's inputs (decoding, image processor,
-tokenization), the vision tower, fedcmp's cached forward and backward, the whole plain step.
+tokenization), the whole vision tower, fedcmp's vision features (the tower up to the selected
+layer), fedcmp's cached forward and backward, the whole plain step.
 
     python bench/bench_train_throughput.py [--batch-size 8] [--steps 2] [--repeats 8] [--threads 1]
                                            [--workers 2] [--vocab 500] [--device cpu] [--precision fp32]
@@ -142,9 +143,15 @@ def breakdown(session: LocalSession, plain: PlainLlavaLoop, rows: Tensor, repeat
         (nll.sum() / tokens.sum()).backward()
 
     pixel_values = plain.inputs(rows)["pixel_values"]
+
+    @torch.no_grad()
+    def whole_tower() -> None:
+        model.llava.model.vision_tower(pixel_values, output_hidden_states=True)
+
     parts: dict[str, Callable[[], object]] = {
         "plain loop's inputs (decode, image processor, tokenize)": lambda: plain.inputs(rows),
-        "vision tower forward": lambda: model.image_features(pixel_values),
+        "vision tower forward, every layer (as the plain loop runs it)": whole_tower,
+        "fedcmp's vision features (the tower up to its selected layer)": lambda: model.image_features(pixel_values),
         "fedcmp cached step (features read, LM forward + backward)": fedcmp_step,
         "plain loop's whole step (inputs, Llava forward + backward)": lambda: plain.loss(rows).backward(),
     }
