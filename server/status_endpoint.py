@@ -26,10 +26,10 @@ import grpc
 
 from fedcmp.common.wire import coordinator_pb2 as pb
 from fedcmp.server.security import BearerTokenInterceptor
+from fedcmp.server.status_feed import newest_until_done
 
 REFRESH_S = 0.2  # the coordinator's loop publishes a snapshot this often: the staleness of an answer
 SERVICE = pb.DESCRIPTOR.services_by_name["Coordinator"].full_name
-DONE = "DONE"
 
 
 def clockless(snapshot: pb.Status) -> bytes:
@@ -121,17 +121,14 @@ class StatusEndpoint:
         self._watchers += 1
         try:
             self._take_snapshot()
-            sent = 0
-            while True:
-                if self._version > sent:
-                    sent, snapshot = self._version, self._watched
-                    yield snapshot
-                    if snapshot.phase == DONE:
-                        return
-                else:
-                    await self._changed.wait()
+            async for snapshot in newest_until_done(lambda: (self._version, self._watched), self._next_change):
+                yield snapshot
         finally:
             self._watchers -= 1
+
+    async def _next_change(self) -> bool:
+        await self._changed.wait()
+        return True  # snapshots come until the endpoint stops
 
 
 async def publish_status(endpoint: StatusEndpoint, build: Callable[[], pb.Status], refresh_s: float = REFRESH_S) -> None:

@@ -18,13 +18,30 @@ moves the phase. A watcher that joins gets a snapshot at once: the latest when i
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 
 from fedcmp.common.wire import coordinator_pb2 as pb
 
 WATCH_INTERVAL_S = 0.2  # at most one snapshot per this many seconds for all watchers together
 DONE = "DONE"
 _ENDED = object()  # what the change stream yields once it is over
+
+
+async def newest_until_done(latest: Callable[[], tuple[int, pb.Status]],
+                            newer: Callable[[], Awaitable[bool]]) -> AsyncIterator[pb.Status]:
+    """A watcher's stream: the `latest` (version, snapshot) now, then each newer one (a slow
+    watcher skips to the newest, never an older state), until a DONE one. `newer` waits for a
+    version after the latest, or returns False when none will come."""
+    sent = 0
+    while True:
+        version, snapshot = latest()
+        if version > sent:
+            sent = version
+            yield snapshot
+            if snapshot.phase == DONE:
+                return
+        elif not await newer():
+            return
 
 
 class StatusFeed:
@@ -81,6 +98,14 @@ class StatusFeed:
                 pending.cancel()
             self._published.set()  # watchers waiting on a follower that ended look again
 
+    async def _next_build(self) -> bool:
+        """Wait for the next snapshot; False once the follower has ended (raising its error, if any)."""
+        if self._follower.done():
+            self._follower.result()  # a failed build ends the stream with its error
+            return False
+        await self._published.wait()
+        return True
+
     async def watch(self) -> AsyncIterator[pb.Status]:
         """Snapshots for one watcher: one now, then the newest after changes, until a DONE one."""
         self._watchers += 1
@@ -92,18 +117,8 @@ class StatusFeed:
                 self._publish()
             elif asyncio.get_running_loop().time() - self._built_at > self.interval_s:
                 self._publish()
-            sent = 0
-            while True:
-                if self._version > sent:
-                    sent, snapshot = self._version, self._snapshot
-                    yield snapshot
-                    if snapshot.phase == DONE:
-                        return
-                elif self._follower.done():
-                    self._follower.result()  # a failed build ends the stream with its error
-                    return
-                else:
-                    await self._published.wait()
+            async for snapshot in newest_until_done(lambda: (self._version, self._snapshot), self._next_build):
+                yield snapshot
         finally:
             self._watchers -= 1
             if self._watchers == 0 and self._follower is not None:
