@@ -2,7 +2,7 @@
 
 The state dir is read as files, not through the server: `run.json` names the committed global
 version, and round N's global is `global/v{N}.safetensors` (the store keeps the committed one
-and its predecessor).
+and the two before it).
 """
 from __future__ import annotations
 

@@ -4,9 +4,9 @@ Layout under `--state-dir`:
 
     recipe.json                      the run's recipe (written once)
     run.json                         the commit record: the last committed round and what it names
-    global/v{N}.safetensors          global projector versions (the committed one and its predecessor),
+    global/v{N}.safetensors          global projector versions (the committed one and the two before it),
                                      with fedcmp's projector metadata (fedcmp.common.provenance)
-    strategy/r{N}.safetensors        strategy state (momentum, moments, basis, counters) after round N
+    strategy/r{N}.safetensors        strategy state (momentum, moments, basis, counters) after round N (the same three)
     uploads/r{N}/{client}.safetensors + .json    accepted client uploads of the open round
     metrics.jsonl                    one JSON line per committed round (and the final evaluation)
 
@@ -294,7 +294,14 @@ class RunStore:
 
     def commit_round(self, record: RunRecord, round_index: int, new_global: dict[str, Tensor],
                      strategy_state: dict[str, Tensor], round_metrics: dict[str, Any]) -> RunRecord:
-        """Atomically make `new_global` version `round_index`, with strategy state and metrics."""
+        """Atomically make `new_global` version `round_index`, with strategy state and metrics.
+
+        The versions before the last two committed go first, right before the new files are
+        written: pages freed then are taken again at once, which costs a fraction of the CPU that
+        pages freed a round earlier cost (docs/decisions.md). So between commits the disk holds
+        the committed version and the two before it.
+        """
+        self._drop_versions_before(round_index - 2)
         save_params_file(self.global_path(round_index), new_global,
                          self._global_metadata(record, round_index, new_global))
         save_params_file(self.strategy_path(round_index), strategy_state)
@@ -303,7 +310,7 @@ class RunStore:
             projector_shapes=record.projector_shapes, backbones=record.backbones, history=[*record.history, round_metrics], final_metrics=dict(record.final_metrics), done=False)
         self._write_record(committed)
         self._append_metrics({"event": "round", **round_metrics})
-        self._prune(round_index)
+        self._recycle_uploads(round_index)
         return committed
 
     def commit_final(self, record: RunRecord, final_metrics: dict[str, float]) -> RunRecord:
@@ -438,12 +445,14 @@ class RunStore:
             handle.flush()
             os.fsync(handle.fileno())
 
-    def _prune(self, committed_round: int) -> None:
-        """Drop what no resume can need: globals and state but the last two, uploads of committed rounds."""
-        keep = {committed_round, committed_round - 1}
-        for stale in [*_versions(self.root / "global", "v"), *_versions(self.root / "strategy", "r")]:
-            if stale[0] not in keep:
-                stale[1].unlink(missing_ok=True)
+    def _drop_versions_before(self, oldest_kept: int) -> None:
+        """Delete the globals and strategy states of versions before `oldest_kept`: no resume needs them."""
+        for version, path in [*_versions(self.root / "global", "v"), *_versions(self.root / "strategy", "r")]:
+            if version < oldest_kept:
+                path.unlink(missing_ok=True)
+
+    def _recycle_uploads(self, committed_round: int) -> None:
+        """The uploads of committed rounds become spares (see `spare_dir`); their headers go."""
         committed = [directory for round_index, directory in _versions(self.root / "uploads", "r")
                      if round_index <= committed_round]
         self._keep_spares([file for directory in committed for file in directory.glob("*.safetensors")])

@@ -105,9 +105,9 @@ def test_backbones_with_other_fingerprints_are_refused(state_dir, tiny_backbones
 
 
 def test_rounds_and_sources_that_cannot_be_exported_are_named(state_dir, tmp_path) -> None:
-    state = state_dir(rounds=3)  # the store keeps the committed global (v3) and its predecessor (v2)
-    with pytest.raises(ExportError, match="round 1 has no global projector .* rounds still on disk: 2, 3"):
-        export_projector(state, tmp_path / "out", round_index=1)
+    state = state_dir(rounds=3)  # the store keeps the committed global (v3) and the two before it
+    with pytest.raises(ExportError, match="round 0 has no global projector .* rounds still on disk: 1, 2, 3"):
+        export_projector(state, tmp_path / "out", round_index=0)
     with pytest.raises(ExportError, match="does not exist"):
         export_projector(tmp_path / "absent", tmp_path / "out")
     with pytest.raises(ExportError, match="not a fedcmp state dir"):

@@ -10,7 +10,7 @@ import torch
 
 from fedcmp.common.codec import save_params_file
 from fedcmp.server.rounds import Coordinator
-from fedcmp.server.safe_aggregation import aggregate_safely
+from fedcmp.server.safe_aggregation import aggregate_safely, is_finite
 from fedcmp.server.store import UPLOAD_CHECKS, RunStore, SpilledUpload
 from fedcmp.server.strategies import build_strategy
 
@@ -154,3 +154,14 @@ def _updates(uploads):
     from fedcmp.server.store import SpilledUpdates
 
     return SpilledUpdates(uploads)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("position", [0, 1, 7, 8, 15, 16, 31, 1000, 4095])
+def test_is_finite_finds_one_non_finite_value_anywhere(value: float, position: int) -> None:
+    """One bad value among many finite ones, at the first, vector-lane and last positions."""
+    params = {"w": torch.randn(64, 64), "b": torch.randn(5), "empty": torch.empty(0)}
+    assert is_finite(params)
+    params["w"].view(-1)[position] = value
+    assert not is_finite(params)
+    assert not is_finite({"b": torch.tensor([1.0, value])}) and not is_finite({"b": torch.tensor([value, 1.0])})

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from fedcmp.common.codec import (BlobIntegrityError, BlobLayout, decode_projector, encode_params, encode_projector,
                                  iter_chunks, save_params_file, sha256_hex)
 from fedcmp.common.wire import coordinator_pb2 as pb
+from fedcmp.server import store as store_module
 from fedcmp.server.store import EncodedGlobal, RunStore, SpilledUpdates, StateError, UploadStorageError
 
 SHAPES = {"linear_1.weight": (4, 3), "linear_1.bias": (4,)}
@@ -298,17 +299,35 @@ def test_commit_then_resume_sees_exactly_the_committed_state(tmp_path) -> None:
     assert RunStore(tmp_path).load().done and final.final_metrics == {"val_loss": 0.25}
 
 
-def test_each_commit_keeps_the_last_two_globals_and_no_committed_uploads(tmp_path) -> None:
+def test_each_commit_keeps_three_globals_and_no_committed_uploads(tmp_path) -> None:
     store = RunStore(tmp_path)
     record = store.commit_initial_global(store.create("{}", "fedavg"), params(0.0))
     spill(store, "late", 1.0, round_index=1)
-    spill(store, "next", 1.0, round_index=5)  # the open round's uploads stay
-    for round_index in (2, 3, 4):  # a gap (v1 never written) still leaves only the last two
+    spill(store, "next", 1.0, round_index=6)  # the open round's uploads stay
+    for round_index in (2, 3, 4, 5):  # a gap (v1 never written) still leaves only the last three
         record = store.commit_round(record, round_index, params(float(round_index)), {"m": torch.ones(1)},
                                     {"round": round_index})
-    assert sorted(p.name for p in (tmp_path / "global").iterdir()) == ["v3.safetensors", "v4.safetensors"]
-    assert sorted(p.name for p in (tmp_path / "strategy").iterdir()) == ["r3.safetensors", "r4.safetensors"]
-    assert sorted(p.name for p in (tmp_path / "uploads").iterdir()) == ["r5", "spare"]
+    assert sorted(p.name for p in (tmp_path / "global").iterdir()) == [f"v{n}.safetensors" for n in (3, 4, 5)]
+    assert sorted(p.name for p in (tmp_path / "strategy").iterdir()) == [f"r{n}.safetensors" for n in (3, 4, 5)]
+    assert sorted(p.name for p in (tmp_path / "uploads").iterdir()) == ["r6", "spare"]
+
+
+def test_a_commit_deletes_the_oldest_version_before_it_writes_the_new_one(tmp_path, monkeypatch) -> None:
+    """So the kernel hands the freed pages to the new files at once (docs/decisions.md)."""
+    store = RunStore(tmp_path)
+    record = store.commit_initial_global(store.create("{}", "fedavg"), params(0.0))
+    for round_index in (1, 2):
+        record = store.commit_round(record, round_index, params(1.0), {"m": torch.ones(1)}, {"round": round_index})
+    on_disk_at_write: list[list[str]] = []
+    real_save = store_module.save_params_file
+
+    def save(path, tensors, metadata=None) -> None:
+        on_disk_at_write.append(sorted(p.name for p in path.parent.iterdir()))
+        real_save(path, tensors, metadata)
+
+    monkeypatch.setattr(store_module, "save_params_file", save)
+    store.commit_round(record, 3, params(3.0), {"m": torch.ones(1)}, {"round": 3})
+    assert on_disk_at_write == [["v1.safetensors", "v2.safetensors"], ["r1.safetensors", "r2.safetensors"]]
 
 
 def test_the_next_rounds_uploads_overwrite_the_last_committed_rounds_tensor_files(tmp_path) -> None:
