@@ -393,6 +393,9 @@ class Coordinator:
         self.phase = Phase.AGGREGATING
         self._notify()
         self.store.forget_encoded_global()
+        # The transfers' buffers and the encoded global are free now: handing them back before the
+        # aggregation maps the global and an upload keeps them out of its peak (docs/decisions.md).
+        await asyncio.to_thread(release_free_memory)
         began = time.monotonic()
         uploads, outcome, new_global, step_norm = await asyncio.to_thread(self._aggregate, round_index,
                                                                            set(self.reported))
@@ -414,7 +417,6 @@ class Coordinator:
         }
         self.record = await self._durably(f"commit round {round_index}", self.store.commit_round, self.record,
                                           round_index, new_global, self.strategy.state_dict(), row)
-        await asyncio.to_thread(release_free_memory)
         if self.metrics is not None:
             self.metrics.round_committed(row)
         for client in self.clients.values():

@@ -58,12 +58,13 @@ async def act_as_client(coordinator: Coordinator, client_id: str, shift: float, 
 
 
 def test_a_run_goes_to_done_with_fedavg_of_the_uploads(tmp_path, monkeypatch) -> None:
-    releases = []  # committed rounds when the server handed its free memory back
-    monkeypatch.setattr(rounds, "release_free_memory", lambda: releases.append(RunStore(tmp_path).load().committed_round))
+    releases = []  # (committed round, encoded global held?) when the server handed its free memory back
     encoded_at_commit = []  # whether the store still held an encoded global once the round was aggregated
 
     async def scenario() -> Coordinator:
         coordinator = make_coordinator(tmp_path)
+        monkeypatch.setattr(rounds, "release_free_memory", lambda: releases.append(
+            (RunStore(tmp_path).load().committed_round, coordinator.store._encoded is not None)))
         commit_round = coordinator.store.commit_round
         monkeypatch.setattr(coordinator.store, "commit_round", lambda *args: (
             encoded_at_commit.append(coordinator.store._encoded is not None), commit_round(*args))[1])
@@ -75,7 +76,8 @@ def test_a_run_goes_to_done_with_fedavg_of_the_uploads(tmp_path, monkeypatch) ->
         return coordinator
 
     coordinator = asyncio.run(scenario())
-    assert coordinator.phase is Phase.DONE and releases == [1, 2]  # after each commit: the round's buffers are free
+    # before each aggregation, once the round's transfers are over and the encoded global is dropped
+    assert coordinator.phase is Phase.DONE and releases == [(0, False), (1, False)]
     assert encoded_at_commit == [False, False]  # the round's downloads were over: their projector was not kept
     record = RunStore(tmp_path).load()
     assert record.done and record.committed_round == 2
