@@ -54,7 +54,7 @@ class Plan:
     bf16_clients: int  # a fedcmp run with wire_dtype bfloat16 at the plan's projector
 
 
-FULL = Plan(system_clients=(4, 8, 16), rounds=2, projector={"vision_hidden": 1024, "text_hidden": 4096},
+FULL = Plan(system_clients=(4, 8, 16), rounds=3, projector={"vision_hidden": 1024, "text_hidden": 4096},
             aggregation=((4, False, 3), (16, False, 3), (16, True, 3), (64, True, 1)), aggregation_shape_scale=1,
             rss_clients=64, swarm_clients=256, swarm_rounds=4, bf16_clients=16)
 QUICK = Plan(system_clients=(2, 3), rounds=2, projector={"vision_hidden": 64, "text_hidden": 512},
